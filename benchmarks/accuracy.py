@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def plot(results: dict, path: Path) -> Path:
     """Bars of mean top-1 (%) per dataset: CLIP zero-shot and each algorithm's EMA teacher."""
-    from zeroshot_adapt.plots import plot_accuracy_bars
+    from zeroshot_adapt.reports.plots import plot_accuracy_bars
 
     table = {
         dataset: {
@@ -123,7 +123,7 @@ def plot(results: dict, path: Path) -> Path:
 
 
 def _write(results: dict, path: str) -> None:
-    from zeroshot_adapt.evaluate import write_json
+    from zeroshot_adapt.reports.metrics import write_json
 
     write_json(results, path)
 

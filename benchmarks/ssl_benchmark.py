@@ -42,8 +42,8 @@ from typing import Any
 import torch
 
 from zeroshot_adapt import stages
-from zeroshot_adapt.evaluate import write_json
 from zeroshot_adapt.pipeline import adapt, resolve_config
+from zeroshot_adapt.reports.metrics import write_json
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "ssl_cpu.json"
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist_test"

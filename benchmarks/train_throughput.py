@@ -69,9 +69,9 @@ from torch import nn
 from zeroshot_adapt.algorithms import ALGORITHMS
 from zeroshot_adapt.config import AlgorithmConfig, OptimConfig, StudentConfig
 from zeroshot_adapt.data.datasets import LabeledViews, UnlabeledViews
-from zeroshot_adapt.sampling import StepBatchSampler
+from zeroshot_adapt.data.sampling import StepBatchSampler
+from zeroshot_adapt.models.student import EmanTeacher, create_student
 from zeroshot_adapt.schedules import warmup_cosine
-from zeroshot_adapt.student import EmanTeacher, create_student
 from zeroshot_adapt.train import (
     LABELED_STREAM,
     UNLABELED_STREAM,

@@ -11,7 +11,7 @@ from zeroshot_adapt.algorithms import ALGORITHMS
 from zeroshot_adapt.config import AlgorithmConfig
 from zeroshot_adapt.data.base import SampleTable, fingerprint_of
 from zeroshot_adapt.data.datasets import LabeledViews, UnlabeledViews
-from zeroshot_adapt.student import EmanTeacher
+from zeroshot_adapt.models.student import EmanTeacher
 from zeroshot_adapt.train import LoopSettings
 
 NUM_CLASSES = 4

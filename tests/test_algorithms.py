@@ -11,10 +11,10 @@ from torch import nn
 from zeroshot_adapt.algorithms import ALGORITHMS
 from zeroshot_adapt.algorithms.base import Batch, LabeledBatch, UnlabeledBatch
 from zeroshot_adapt.algorithms.fixmatch import FixMatch, clip_fill_mask, weak_target_logits
+from zeroshot_adapt.algorithms.losses import masked_cross_entropy, pseudo_labels_from_probs
+from zeroshot_adapt.algorithms.priors import ClassPrior, DebiasAdjuster
 from zeroshot_adapt.config import AlgorithmConfig
 from zeroshot_adapt.errors import UserError
-from zeroshot_adapt.losses import masked_cross_entropy, pseudo_labels_from_probs
-from zeroshot_adapt.priors import ClassPrior, DebiasAdjuster
 
 LN3 = math.log(3.0)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from zeroshot_adapt import pipeline
-from zeroshot_adapt.evaluate import class_imbalance_ratio
+from zeroshot_adapt.reports.metrics import class_imbalance_ratio
 
 BUDGET = ["optim.epochs=3", "optim.steps_per_epoch=40", "data.num_workers=1"]
 

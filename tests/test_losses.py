@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zeroshot_adapt.losses import (
+from zeroshot_adapt.algorithms.losses import (
     adaptive_margin_logits,
     debiased_logits,
     masked_cross_entropy,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zeroshot_adapt import plots
 from zeroshot_adapt.pseudo_labels import threshold_sweep
+from zeroshot_adapt.reports import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

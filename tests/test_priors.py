@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from zeroshot_adapt.algorithms.priors import ClassPrior, DebiasAdjuster, DistributionAlignment
 from zeroshot_adapt.errors import UserError
-from zeroshot_adapt.priors import ClassPrior, DebiasAdjuster, DistributionAlignment
 
 # raw softmax rows [0.5, 0.25, 0.25] and [0.1, 0.2, 0.7]; batch mean [0.3, 0.225, 0.475]
 WEAK_LOGITS = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]]))

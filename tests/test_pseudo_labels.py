@@ -164,7 +164,7 @@ def test_threshold_sweep_without_labels_and_bad_thresholds():
 
 
 def test_class_imbalance_ratio_is_the_shared_helper():
-    from zeroshot_adapt import evaluate
+    from zeroshot_adapt.reports import metrics as evaluate
 
     assert class_imbalance_ratio is evaluate.class_imbalance_ratio
     assert class_imbalance_ratio([148, 16, 40], nonempty_only=True) == pytest.approx(148 / 16)

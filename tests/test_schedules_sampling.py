@@ -3,7 +3,7 @@ import math
 import numpy as np
 import torch
 
-from zeroshot_adapt.sampling import SeededItems, StepBatchSampler
+from zeroshot_adapt.data.sampling import SeededItems, StepBatchSampler
 from zeroshot_adapt.schedules import warmup_cosine
 
 

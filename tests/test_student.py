@@ -9,7 +9,7 @@ from zeroshot_adapt.algorithms import ALGORITHMS
 from zeroshot_adapt.algorithms.base import Batch, LabeledBatch, UnlabeledBatch
 from zeroshot_adapt.config import AlgorithmConfig
 from zeroshot_adapt.errors import UserError
-from zeroshot_adapt.student import (
+from zeroshot_adapt.models.student import (
     EmanTeacher,
     create_student,
     load_checkpoint,

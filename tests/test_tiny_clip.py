@@ -107,8 +107,8 @@ def test_training_is_bitwise_reproducible() -> None:
 @pytest.mark.slow
 def test_regenerating_the_shipped_checkpoint_reproduces_it():
     """The full recipe recorded in the meta sidecar, retrained: the same fp16 weights, tensor for tensor
-    (same CPU kind, torch and Pillow versions; 297 s of training measured on a lightly loaded 2-core machine). The file's own sha256 is not
-    compared: safetensors may write its header metadata in another order."""
+    (same CPU kind, torch and Pillow versions; 297 s of training measured on a lightly loaded 2-core
+    machine). The file's own sha256 is not compared: safetensors may write its header metadata in another order."""
     import dataclasses
     import json
 

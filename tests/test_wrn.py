@@ -7,7 +7,7 @@ import timm
 import torch
 
 from zeroshot_adapt.errors import UserError
-from zeroshot_adapt.wrn import WideResNet, count_parameters
+from zeroshot_adapt.models.wrn import WideResNet, count_parameters
 
 WRN28_2_PARAMS_10_CLASSES = 1_467_610  # the FixMatch paper's "1.5M"; any change in the layout moves it
 

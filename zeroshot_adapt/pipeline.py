@@ -20,8 +20,8 @@ from zeroshot_adapt.config import RunConfig, apply_mapping, apply_overrides, loa
 from zeroshot_adapt.data.base import SampleTable
 from zeroshot_adapt.data.registry import get_spec, load_split
 from zeroshot_adapt.errors import UserError
-from zeroshot_adapt.evaluate import classification_report, write_json
 from zeroshot_adapt.pseudo_labels import select_confident, selection_report, threshold_sweep
+from zeroshot_adapt.reports.metrics import classification_report, write_json
 from zeroshot_adapt.teacher.prompts import PromptSet, custom_prompts, load_prompts
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def _build_teacher_cache(config, table, prompts, identity, root, *, progress: bo
 
 def zeroshot_report(config: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     """CLIP zero-shot metrics for the train and test splits (when labeled), with the imbalance plot."""
-    from zeroshot_adapt.plots import plot_predictions_per_class
+    from zeroshot_adapt.reports.plots import plot_predictions_per_class
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -240,7 +240,7 @@ def zeroshot_report(config: RunConfig, out_dir: str | Path) -> dict[str, Any]:
 
 def pseudolabel_report(config: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     """Filter CLIP's train-split predictions at tau_clip; write the selected set, the stats and plots."""
-    from zeroshot_adapt.plots import plot_threshold_sweep
+    from zeroshot_adapt.reports.plots import plot_threshold_sweep
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -405,8 +405,8 @@ def adapt(
     from zeroshot_adapt.algorithms import ALGORITHMS
     from zeroshot_adapt.data.datasets import LabeledViews, UnlabeledViews
     from zeroshot_adapt.data.transforms import build_transforms
-    from zeroshot_adapt.plots import plot_confusion, plot_pseudo_label_distribution
-    from zeroshot_adapt.student import EmanTeacher, create_student
+    from zeroshot_adapt.models.student import EmanTeacher, create_student
+    from zeroshot_adapt.reports.plots import plot_confusion, plot_pseudo_label_distribution
     from zeroshot_adapt.train import LoopSettings, train
 
     run_dir = Path(config.run_dir)

@@ -17,7 +17,7 @@ Definitions (per class ``c``, over samples whose true label is known):
   label, so a high threshold lowers it. ``None`` when no sample has true label ``c``.
 - Imbalance ratio: ``max / min`` of ``kept`` over the classes with at least one kept sample; the empty
   classes are counted and named separately (their ratio would be infinite). Note that
-  :func:`zeroshot_adapt.evaluate.classification_report`'s ``imbalance_ratio`` runs over *all* classes
+  :func:`zeroshot_adapt.reports.metrics.classification_report`'s ``imbalance_ratio`` runs over *all* classes
   (None when one is never predicted), as a test-set metric should.
 
 Labels are optional (a real unlabeled dataset has none): pass ``None``; negative entries (the data
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from zeroshot_adapt.errors import UserError
-from zeroshot_adapt.evaluate import (
+from zeroshot_adapt.reports.metrics import (
     as_class_ids,
     as_numpy,
     class_imbalance_ratio,

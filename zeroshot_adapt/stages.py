@@ -48,8 +48,8 @@ from zeroshot_adapt.baselines import (
 )
 from zeroshot_adapt.config import RunConfig
 from zeroshot_adapt.errors import UserError
-from zeroshot_adapt.evaluate import classification_report, write_json
 from zeroshot_adapt.pipeline import TrainingData, adapt, check_resume_config, prepare_training_data
+from zeroshot_adapt.reports.metrics import classification_report, write_json
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def run_config(run_dir: str | Path) -> RunConfig:
 
 def load_trained_student(config: RunConfig, num_classes: int, path: str | Path) -> nn.Module:
     """The student architecture of `config` with the weights `adapt` saved at `path` (eval mode)."""
-    from zeroshot_adapt.student import create_student
+    from zeroshot_adapt.models.student import create_student
 
     path = Path(path)
     if not path.is_file():

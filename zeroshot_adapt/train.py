@@ -6,7 +6,7 @@ teacher update, metrics accumulated. Per epoch: metrics reduced across processes
 student and the EMA teacher, one JSONL line, Accelerate trackers, a checkpoint.
 
 Checkpoints hold student, EMA teacher, optimizer, scheduler, algorithm state (class prior), RNG
-states, epoch accumulators and the step (= data position, see sampling.py), so a run killed and
+states, epoch accumulators and the step (= data position, see data/sampling.py), so a run killed and
 resumed ends with the same weights and metrics as an uninterrupted one (on CPU). SIGINT / SIGTERM
 finish the current step, write a checkpoint and return; a second SIGINT aborts at once.
 """
@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from zeroshot_adapt.algorithms.base import Algorithm, Batch, LabeledBatch, UnlabeledBatch
+from zeroshot_adapt.data.sampling import SeededItems, StepBatchSampler
 from zeroshot_adapt.pseudo_labels import class_imbalance_ratio
-from zeroshot_adapt.sampling import SeededItems, StepBatchSampler
 from zeroshot_adapt.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ from collections.abc import Iterable
 
 from zeroshot_adapt.algorithms.base import ALGORITHMS, identity_mean
 from zeroshot_adapt.algorithms.fixmatch import FixMatch
+from zeroshot_adapt.algorithms.priors import AllReduceMean, ClassPrior, DebiasAdjuster, DistributionAlignment
 from zeroshot_adapt.config import AlgorithmConfig
 from zeroshot_adapt.errors import UserError
-from zeroshot_adapt.priors import AllReduceMean, ClassPrior, DebiasAdjuster, DistributionAlignment
 
 
 def check_extra_keys(name: str, config: AlgorithmConfig, allowed: Iterable[str] = ()) -> None:

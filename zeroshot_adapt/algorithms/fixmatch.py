@@ -40,9 +40,9 @@ from zeroshot_adapt.algorithms.base import (
     UnlabeledBatch,
     forward_in_one_pass,
 )
+from zeroshot_adapt.algorithms.losses import masked_cross_entropy, pseudo_labels_from_probs
+from zeroshot_adapt.algorithms.priors import ClassPrior, ReportsMetrics
 from zeroshot_adapt.errors import UserError
-from zeroshot_adapt.losses import masked_cross_entropy, pseudo_labels_from_probs
-from zeroshot_adapt.priors import ClassPrior, ReportsMetrics
 
 NUM_MULTIVIEWS = 2  # weak and strong views per unlabeled image in multi-view mode (REFERENCE.md)
 

@@ -18,10 +18,10 @@ from torch import Tensor
 from zeroshot_adapt.algorithms.base import ALGORITHMS, PseudoLabelAdjuster, identity_mean
 from zeroshot_adapt.algorithms.debiaspl import check_extra_keys, debias_adjuster
 from zeroshot_adapt.algorithms.fixmatch import ConsistencyTraining, UnlabeledTargets, check_unit_interval
+from zeroshot_adapt.algorithms.losses import masked_kl_divergence, pseudo_labels_from_probs, sharpen
+from zeroshot_adapt.algorithms.priors import AllReduceMean
 from zeroshot_adapt.config import AlgorithmConfig
 from zeroshot_adapt.errors import UserError
-from zeroshot_adapt.losses import masked_kl_divergence, pseudo_labels_from_probs, sharpen
-from zeroshot_adapt.priors import AllReduceMean
 
 DEFAULT_TEMPERATURE = 0.4  # UDA's sharpening temperature (Xie et al. 2020, section 3.2)
 EXTRA_KEYS = ("temperature",)

@@ -40,7 +40,7 @@ from zeroshot_adapt.demo.tiny_clip import (
     digits_split,
     register_tiny_clip,
 )
-from zeroshot_adapt.evaluate import class_imbalance_ratio
+from zeroshot_adapt.reports.metrics import class_imbalance_ratio
 from zeroshot_adapt.teacher.classifier import zeroshot_classifier, zeroshot_logits
 from zeroshot_adapt.teacher.clip import file_sha256
 from zeroshot_adapt.teacher.prompts import load_prompts

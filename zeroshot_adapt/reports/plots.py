@@ -22,8 +22,8 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from zeroshot_adapt.evaluate import as_numpy
 from zeroshot_adapt.pseudo_labels import class_name_list
+from zeroshot_adapt.reports.metrics import as_numpy
 
 MAX_TICK_LABELS = 40  # above this many classes, per-class tick labels are dropped
 MAX_BARS = 200  # above this many classes, bars are drawn as one filled step curve

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from zeroshot_adapt.evaluate import (
+from zeroshot_adapt.reports.metrics import (
     class_imbalance_ratio,
     classification_report,
     confusion_matrix,

@@ -27,8 +27,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
-import zeroshot_adapt.cnn  # noqa: F401  (registers zsa_cnn_small, the demo student)
-import zeroshot_adapt.wrn  # noqa: F401  (registers wrn28_2 / wrn28_8 with timm, so they are valid `arch` names)
+import zeroshot_adapt.models.cnn  # noqa: F401  (registers zsa_cnn_small, the demo student)
+import zeroshot_adapt.models.wrn  # noqa: F401  (registers wrn28_2 / wrn28_8 with timm, so they are valid `arch` names)
 from zeroshot_adapt.config import StudentConfig
 from zeroshot_adapt.errors import UserError
 

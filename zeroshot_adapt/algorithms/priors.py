@@ -17,8 +17,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from zeroshot_adapt.algorithms.losses import debiased_logits, log_prior_offset
 from zeroshot_adapt.errors import UserError
-from zeroshot_adapt.losses import debiased_logits, log_prior_offset
 
 AllReduceMean = Callable[[Tensor], Tensor]
 

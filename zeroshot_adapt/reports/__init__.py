@@ -1,0 +1,1 @@
+"""What runs report: classification metrics and JSON reports (`metrics`), and plots (`plots`)."""
