@@ -7,6 +7,7 @@ The resolved config is written to every run directory as `config.yaml`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 import yaml
 
 from zeroshot_adapt.errors import UserError
+from zeroshot_adapt.fileio import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -112,12 +114,183 @@ class RunConfig:
     log_with: str | None = None  # an Accelerate tracker: tensorboard, wandb, ... (None: JSONL only)
 
 
+# ----------------------------------------------------------------------------- constraints
+
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """The valid values of one config key: a numeric range (each end open or closed) or a set of choices.
+
+    Every value is also checked to be finite (no NaN / inf). None is valid exactly where the field is
+    optional, and then bypasses the constraint."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] | None = None
+    non_empty: bool = False
+
+    def allows(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        if self.non_empty:
+            return isinstance(value, str) and value.strip() != ""
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+    def describe(self) -> str:
+        def show(bound: float) -> str:
+            return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+        if self.choices is not None:
+            return f"one of {', '.join(self.choices)}"
+        if self.non_empty:
+            return "a non-empty string"
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{show(self.low)}, {show(self.high)}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {show(self.low)}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {show(self.high)}"
+        return "a finite number"
+
+
+def at_least(low: float) -> Constraint:
+    return Constraint(low=low)
+
+
+def above(low: float) -> Constraint:
+    return Constraint(low=low, low_open=True)
+
+
+UNIT = Constraint(0.0, 1.0)  # [0, 1]
+MOMENTUM = Constraint(0.0, 1.0, high_open=True)  # [0, 1)
+FINITE = Constraint()
+
+CONSTRAINTS: dict[str, Constraint] = {
+    "data.holdout_fraction": MOMENTUM,
+    "data.image_size": at_least(1),
+    "data.num_workers": at_least(0),
+    "teacher.batch_size": at_least(1),
+    "teacher.shard_size": at_least(1),
+    "teacher.num_workers": at_least(0),
+    "pseudo.tau_clip": Constraint(0.0, 1.0, low_open=True),
+    "algorithm.threshold": UNIT,
+    "algorithm.lambda_u": at_least(0),
+    "algorithm.tau": at_least(0),
+    "algorithm.prior_momentum": MOMENTUM,
+    "algorithm.clip_fill_threshold": UNIT,
+    "student.ema_momentum": UNIT,
+    "optim.lr": above(0),
+    "optim.momentum": MOMENTUM,
+    "optim.weight_decay": at_least(0),
+    "optim.epochs": at_least(1),
+    "optim.warmup_epochs": at_least(0),
+    "optim.steps_per_epoch": at_least(1),
+    "optim.batch_size": at_least(1),
+    "optim.mu": at_least(1),
+    "optim.grad_accum": at_least(1),
+    "optim.mixed_precision": Constraint(choices=("no", "fp16", "bf16")),
+    "ssl.labels_fraction": Constraint(0.0, 1.0, low_open=True, high_open=True),
+    "ssl.labels_per_class": at_least(1),
+    "ssl.long_tail_ratio": at_least(1),
+    "seed": Constraint(0, MAX_SEED),
+    "run_dir": Constraint(non_empty=True),
+    "checkpoint_every_steps": at_least(1),
+    "eval_every_epochs": at_least(1),
+}
+"""Valid values per dotted key. Every int / float field must have an entry (a test checks it)."""
+
+CLI_FLAGS: dict[str, str] = {
+    "data.data_dir": "--data-dir",
+    "data.num_workers": "--num-workers",
+    "teacher.model": "--model",
+    "teacher.pretrained": "--pretrained",
+    "teacher.prompts": "--prompts",
+    "teacher.cache_dir": "--cache-dir",
+    "pseudo.tau_clip": "--tau-clip",
+    "algorithm.name": "--algorithm",
+    "algorithm.clip_fill_threshold": "--clip-fill",
+    "optim.epochs": "--epochs",
+    "ssl.labels_fraction": "--label-fraction",
+    "ssl.labels_per_class": "--labels-per-class",
+    "ssl.labels_file": "--labels-file",
+    "ssl.long_tail_ratio": "--long-tail",
+    "run_dir": "--run-dir",
+    "seed": "--seed",
+}
+"""The `zsa` flag that sets each key (cli.py builds its flags from this table; errors name both)."""
+
+
+def iter_fields(config: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, Any]]:
+    """(dotted key, annotation, value) of every leaf field of a config dataclass."""
+    hints = typing.get_type_hints(type(config))
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if dataclasses.is_dataclass(value):
+            yield from iter_fields(value, f"{prefix}{item.name}.")
+        else:
+            yield f"{prefix}{item.name}", hints[item.name], value
+
+
+def describe_key(key: str) -> str:
+    flag = CLI_FLAGS.get(key)
+    return f"{key} ({flag})" if flag else key
+
+
+def validate_config(config: RunConfig) -> RunConfig:
+    """Check every field of a resolved config against its type and CONSTRAINTS, and the cross-field rules;
+    raise one UserError listing every problem (key, CLI flag, value, valid range). Returns the config."""
+    problems = []
+    for key, annotation, value in iter_fields(config):
+        if value is None:
+            if not _is_optional(annotation):
+                problems.append(f"{describe_key(key)} needs a value (null is not allowed)")
+            continue
+        constraint = CONSTRAINTS.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{describe_key(key)}={value!r} must be a finite number")
+        elif constraint is not None and not constraint.allows(value):
+            problems.append(f"{describe_key(key)}={value!r} must be {constraint.describe()}")
+    optim = config.optim
+    if not problems and optim.batch_size % optim.grad_accum:
+        problems.append(
+            f"optim.batch_size={optim.batch_size} must be divisible by optim.grad_accum={optim.grad_accum} "
+            "(the labeled batch is split into grad_accum micro-batches)"
+        )
+    if not problems and optim.warmup_epochs >= optim.epochs:
+        problems.append(
+            f"optim.warmup_epochs={optim.warmup_epochs:g} is not below optim.epochs (--epochs)={optim.epochs}: "
+            "the whole run would be warm-up; lower it with --set optim.warmup_epochs=... "
+            "(the paper warms up for 5 of 50 epochs)"
+        )
+    if problems:
+        raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
+    return config
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def _is_optional(annotation: Any) -> bool:
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return union and type(None) in typing.get_args(annotation)
+
+
 def _coerce(value: Any, annotation: Any, dotted: str) -> Any:
-    """Turn a YAML / command-line value into the annotated field type, or raise a UserError."""
+    """Turn a YAML / command-line value into the annotated field type, strictly, or raise a UserError.
+
+    No silent conversions: a float is never truncated to an int (2.7 is refused, 3.0 is 3), a boolean is
+    never a number, and null is accepted only where the field is optional. Ranges are checked later, on
+    the whole resolved config (:func:`validate_config`)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -126,24 +299,56 @@ def _coerce(value: Any, annotation: Any, dotted: str) -> Any:
                 return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], dotted)
+    if value is None:
+        raise UserError(f"{dotted} needs a value; null is allowed only for optional keys")
     if annotation is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")
         raise UserError(f"{dotted}={value!r} is not a boolean (use true or false)")
-    if annotation in (int, float, str):
+    if annotation is int:
+        if isinstance(value, bool):
+            raise UserError(f"{dotted}={value!r} is a boolean, not a valid int")
+        if isinstance(value, float):
+            if math.isfinite(value) and value.is_integer():
+                return int(value)
+            raise UserError(f"{dotted}={value!r} is not a valid int (whole numbers only; nothing is rounded)")
         try:
-            return annotation(value)
+            return int(value)
         except (TypeError, ValueError):
-            raise UserError(f"{dotted}={value!r} is not a valid {annotation.__name__}") from None
+            raise UserError(f"{dotted}={value!r} is not a valid int") from None
+    if annotation is float:
+        if isinstance(value, bool):
+            raise UserError(f"{dotted}={value!r} is a boolean, not a valid float")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{dotted}={value!r} is not a valid float") from None
+    if annotation is str:
+        if isinstance(value, (bool, list, dict)):
+            raise UserError(f"{dotted}={value!r} is not a valid str")
+        return str(value)
     if origin is dict or annotation is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _parse_yaml_value(value, dotted)
         if not isinstance(value, dict):
             raise UserError(f"{dotted}={value!r} is not a mapping")
         return dict(value)
     return value
+
+
+def _parse_yaml_value(raw: str, dotted: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise UserError(f"the value given for {dotted} is not valid YAML: {raw!r} ({_yaml_problem(error)})") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(problem)
 
 
 def _replace(config: Any, dotted: str, value: Any, full: str) -> Any:
@@ -182,22 +387,31 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"override {item!r} is not of the form key=value (e.g. algorithm.tau=0.5)")
-        config = _replace(config, key.strip(), yaml.safe_load(raw) if raw else "", key.strip())
+        key = key.strip()
+        config = _replace(config, key, _parse_yaml_value(raw, key) if raw else "", key)
     return config
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping; a UserError names the file and says what is wrong with it."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {str(path)!r} is a directory, not a YAML file")
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise UserError(f"config file {str(path)!r} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {str(path)!r} must hold a mapping at its top level")
     return data
 
 
 def save_yaml(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def from_dict(mapping: dict[str, Any]) -> RunConfig:

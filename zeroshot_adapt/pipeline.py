@@ -5,6 +5,7 @@ Each public function takes a resolved RunConfig and writes its results (JSON, PN
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -16,10 +17,19 @@ import numpy as np
 import torch
 
 from zeroshot_adapt.cache import CacheMiss, PredictionCache, build_cache
-from zeroshot_adapt.config import RunConfig, apply_mapping, apply_overrides, load_yaml, save_yaml, to_dict
+from zeroshot_adapt.config import (
+    RunConfig,
+    apply_mapping,
+    apply_overrides,
+    load_yaml,
+    save_yaml,
+    to_dict,
+    validate_config,
+)
 from zeroshot_adapt.data.base import SampleTable
 from zeroshot_adapt.data.registry import get_spec, load_split
 from zeroshot_adapt.errors import UserError
+from zeroshot_adapt.fileio import atomic_write
 from zeroshot_adapt.pseudo_labels import select_confident, selection_report, threshold_sweep
 from zeroshot_adapt.reports.metrics import classification_report, write_json
 from zeroshot_adapt.teacher.prompts import PromptSet, custom_prompts, load_prompts
@@ -51,7 +61,7 @@ def resolve_config(
     config = apply_mapping(config, dict(spec.overrides))
     config = apply_mapping(config, file_values)
     config = replace(config, data=replace(config.data, dataset=name))
-    return apply_overrides(config, overrides or [])
+    return validate_config(apply_overrides(config, overrides or []))
 
 
 def cache_root(config: RunConfig) -> Path:
@@ -256,10 +266,11 @@ def pseudolabel_report(config: RunConfig, out_dir: str | Path) -> dict[str, Any]
     sweep = threshold_sweep(confidence[valid], prediction[valid], valid_labels, len(classes), class_names=classes)
     report["sweep"] = sweep
     report["sweep_plot"] = str(plot_threshold_sweep(sweep, out_dir / "pseudolabel_threshold_sweep.png"))
-    with (out_dir / "pseudo_labels.csv").open("w") as handle:
-        handle.write("key,clip_label,confidence,selected\n")
+    with atomic_write(out_dir / "pseudo_labels.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)  # quotes keys holding commas, quotes or newlines
+        writer.writerow(["key", "clip_label", "confidence", "selected"])
         for key, label, conf, keep in zip(table.keys, prediction, confidence, selected, strict=True):
-            handle.write(f"{key},{int(label)},{float(conf):.6f},{int(keep)}\n")
+            writer.writerow([key, int(label), f"{float(conf):.6f}", int(keep)])
     write_json(report, out_dir / "pseudolabels.json")
     return report
 

@@ -48,6 +48,7 @@ from zeroshot_adapt.baselines import (
 )
 from zeroshot_adapt.config import RunConfig
 from zeroshot_adapt.errors import UserError
+from zeroshot_adapt.fileio import atomic_write
 from zeroshot_adapt.pipeline import TrainingData, adapt, check_resume_config, prepare_training_data
 from zeroshot_adapt.reports.metrics import classification_report, write_json
 
@@ -208,10 +209,8 @@ def _check_labeled_set(run_dir: Path, indices: np.ndarray, labels: np.ndarray) -
                 "label split or an earlier generation changed); use another --run-dir, or delete it to start over"
             )
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{LABELED_SET_NAME}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, indices=indices, labels=labels)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as handle:
+        np.savez(handle, indices=indices, labels=labels)
 
 
 def _train_run(config: RunConfig, data: TrainingData, indices: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
@@ -230,9 +229,8 @@ def _train_run(config: RunConfig, data: TrainingData, indices: np.ndarray, label
 
 
 def _copy_state(model: nn.Module, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as handle:
+        torch.save(model.state_dict(), handle)
 
 
 # ----------------------------------------------------------------------------- logit adjustment
@@ -350,9 +348,8 @@ def run_crest(
             logits, _ = predict_table(model, data.train, data.unlabeled_indices, transform,
                                       num_workers=config.data.num_workers)
             probs = _softmax(logits)
-            tmp = gen_dir / f".{POOL_PROBS_NAME}.tmp-{os.getpid()}.npy"
-            np.save(tmp, probs)
-            os.replace(tmp, probs_path)
+            with atomic_write(probs_path, "wb") as handle:
+                np.save(handle, probs)
         finished += 1
         return probs
 

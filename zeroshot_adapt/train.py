@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import signal
 import time
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 
 from zeroshot_adapt.algorithms.base import Algorithm, Batch, LabeledBatch, UnlabeledBatch
 from zeroshot_adapt.data.sampling import SeededItems, StepBatchSampler
+from zeroshot_adapt.fileio import atomic_write
 from zeroshot_adapt.pseudo_labels import class_imbalance_ratio
 from zeroshot_adapt.schedules import warmup_cosine
 
@@ -161,10 +161,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def _entropy(prior: torch.Tensor) -> float:

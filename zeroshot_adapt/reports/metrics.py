@@ -24,15 +24,15 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from zeroshot_adapt.fileio import atomic_write_text
+
 TOP5 = 5
-_FILE_MODE = 0o644
 _CHUNK_ROWS = 8192  # rows of a score matrix compared at once in top_k_accuracy (bounds temporary memory)
 
 
@@ -295,18 +295,5 @@ def write_json(obj: Any, path: str | os.PathLike[str], *, indent: int | None = 2
     Parent folders are created. A reader never sees a half-written file: it sees the old file or the
     new one. Returns the path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(to_jsonable(obj), indent=indent, allow_nan=False, ensure_ascii=False)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp_name, _FILE_MODE)  # mkstemp makes 0600 files; reports are meant to be shared
-        with os.fdopen(handle, "w", encoding="utf-8") as tmp:
-            tmp.write(text + "\n")
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text + "\n")

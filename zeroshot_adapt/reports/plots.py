@@ -12,7 +12,6 @@ curve, which stays fast and readable.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from zeroshot_adapt.fileio import atomic_write
 from zeroshot_adapt.pseudo_labels import class_name_list
 from zeroshot_adapt.reports.metrics import as_numpy
 
@@ -39,18 +39,9 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp_name, 0o644)
-        with os.fdopen(handle, "wb") as tmp:
-            figure.savefig(tmp, format="png")
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format="png")
+    return Path(path)
 
 
 def _as_counts(counts: Any, name: str = "counts") -> np.ndarray:
