@@ -446,3 +446,21 @@ def test_large_cache_opens_memory_mapped_without_reading_the_logits(tmp_path):
     np.testing.assert_array_equal(cache.lookup([keys[i] for i in picked]), picked)
     rows = cache.get([keys[i] for i in picked[:1000]], fields=["logits"])["logits"]
     np.testing.assert_array_equal(rows, compute(picked[:1000])["logits"])
+
+
+def test_attachments_are_stored_once_and_read_back(tmp_path):
+    classifier = np.arange(12, dtype=np.float32).reshape(3, 4)
+    built = build(tmp_path, attachments={"text_classifier": classifier, "logit_scale": np.float32(14.0)})
+    opened = PredictionCache.open(tmp_path, IDENTITY)
+    for cache in (built, opened):
+        np.testing.assert_array_equal(cache.attachments["text_classifier"], classifier)
+        assert float(cache.attachments["logit_scale"]) == 14.0 and cache.attachments["logit_scale"].shape == ()
+    with pytest.raises(TypeError, match="read-only|does not support"):
+        opened.attachments["x"] = classifier  # type: ignore[index]
+
+
+def test_attachments_must_be_numeric_and_well_named(tmp_path):
+    with pytest.raises(ValueError, match="attachment name"):
+        build(tmp_path / "a", attachments={"bad name": np.zeros(2)})
+    with pytest.raises(TypeError, match="only numeric"):
+        build(tmp_path / "b", attachments={"names": np.array(["a", "b"])})

@@ -70,6 +70,13 @@ def test_cache_is_built_once_then_hit(tmp_path, random_clip, monkeypatch):
     monkeypatch.setattr("zeroshot_adapt.teacher.clip.load_clip", no_clip)
     second = pipeline.teacher_predictions(config, "train")
     np.testing.assert_array_equal(second.confidence, first.confidence)
+    # the text classifier and logit scale the logits were made with are stored with them (cache hit too)
+    classifier, scale = second.text_classifier, second.logit_scale
+    assert classifier.shape == (3, first.field("features").shape[1]) and classifier.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(classifier, axis=1), 1, atol=1e-5)
+    features = second.field("features").astype(np.float32)
+    np.testing.assert_allclose(scale * features @ classifier.T, second.field("logits").astype(np.float32),
+                               atol=0.05 * scale)
 
 
 def test_every_identity_field_changes_the_key(tmp_path, random_clip):

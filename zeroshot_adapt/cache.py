@@ -15,6 +15,8 @@ On-disk layout (``root/<digest[:16]>/`` exists only once complete; it is renamed
         index_hash.npy               uint64 [N]     blake2b-8 hash of every key, sorted ascending
         index_row.npy                int64 [N]      row of the key whose hash is index_hash[j]
         fields/<name>.npy            [N, ...]       one file per field returned by ``compute``
+        attachments/<name>.npy       [...]          whole-cache arrays given to build_cache (e.g. the text
+                                                    classifier a teacher's logits were computed with)
       3f2a9c0d1e4b5a67.partial/      only while building (removed once the cache is complete)
         identity.json, plan.json     what is being built: number of samples, key list sha256, shard size
         shards/shard-000000.npz      one finished shard (written to a temp name, then os.replace'd)
@@ -55,7 +57,7 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Version of the on-disk format; part of every identity digest, so bumping it invalidates all caches."""
 
 DIGEST_PREFIX_CHARS = 16
@@ -251,6 +253,7 @@ class PredictionCache:
 
     keys:   the sample keys in row order (lazy Sequence[str]).
     arrays: field name -> np.memmap [N, ...] (e.g. "logits" [N, C] float16, "features" [N, D] float16).
+    attachments: name -> read-only array [...] stored once for the whole cache (see :func:`build_cache`).
     identity: the identity mapping it was built for; meta: sample count, key-list sha256, field specs.
     """
 
@@ -280,6 +283,16 @@ class PredictionCache:
                 )
             fields[name] = array
         self._arrays = MappingProxyType(fields)
+        attachments = {}
+        for name, spec in self.meta.get("attachments", {}).items():
+            array = self._map(f"attachments/{name}.npy")
+            if list(array.shape) != spec["shape"] or array.dtype.str != spec["dtype"]:
+                raise CacheCorruptError(
+                    f"{self.directory}/attachments/{name}.npy is {array.dtype.str} {array.shape}, meta.json says "
+                    f"{spec['dtype']} {spec['shape']}; delete {self.directory} and rebuild"
+                )
+            attachments[name] = array
+        self.attachments: Mapping[str, np.ndarray] = MappingProxyType(attachments)
         sizes = {len(self._offsets) - 1, len(self._index_hash), len(self._index_row)}
         if sizes != {n}:
             raise CacheCorruptError(
@@ -547,8 +560,9 @@ def _merge_shards(
     key_table: _KeyTable,
     identity_doc: Mapping[str, Any],
     progress: bool,
+    attachments: Mapping[str, np.ndarray],
 ) -> None:
-    """Merge all shards into a new directory and rename it to ``final_dir`` (atomic)."""
+    """Merge all shards (and the attachments) into a new directory and rename it to ``final_dir`` (atomic)."""
     for stale in build_dir.glob("merge-*"):
         shutil.rmtree(stale, ignore_errors=True)
     num_samples, shard_size = plan["num_samples"], plan["shard_size"]
@@ -586,11 +600,19 @@ def _merge_shards(
     _save_npy(merge_dir / "keys_blob.npy", key_table.blob)
     _save_npy(merge_dir / "index_hash.npy", key_table.index_hash.astype("<u8"))
     _save_npy(merge_dir / "index_row.npy", key_table.index_row.astype("<i8"))
+    if attachments:
+        (merge_dir / "attachments").mkdir()
+        for name, array in attachments.items():
+            _save_npy(merge_dir / "attachments" / f"{name}.npy", array)
+        _fsync_path(merge_dir / "attachments")
     meta = {
         "format_version": FORMAT_VERSION,
         "num_samples": num_samples,
         "keys_sha256": key_table.sha256,
         "fields": {name: {"dtype": spec.dtype, "shape": list(spec.shape)} for name, spec in sorted(specs.items())},
+        "attachments": {
+            name: {"dtype": array.dtype.str, "shape": list(array.shape)} for name, array in sorted(attachments.items())
+        },
     }
     _atomic_write_bytes(merge_dir / "meta.json", _pretty_json(meta))
     _atomic_write_bytes(merge_dir / "identity.json", _pretty_json(identity_doc))
@@ -598,6 +620,18 @@ def _merge_shards(
     _fsync_path(merge_dir)
     os.rename(merge_dir, final_dir)
     _fsync_path(final_dir.parent)
+
+
+def _check_attachments(attachments: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    checked = {}
+    for name, value in attachments.items():
+        if not isinstance(name, str) or not _FIELD_NAME.match(name):
+            raise ValueError(f"attachment name {name!r} must match {_FIELD_NAME.pattern}")
+        array = np.array(value, order="C")  # (np.ascontiguousarray would turn a scalar into shape [1])
+        if array.dtype.kind not in _NUMERIC_KINDS:
+            raise TypeError(f"attachment {name!r} has dtype {array.dtype}; only numeric arrays can be cached")
+        checked[name] = array
+    return checked
 
 
 def _remove_build_dir(build_dir: Path) -> None:
@@ -658,6 +692,7 @@ def build_cache(
     num_processes: int = 1,
     wait_for_everyone: Callable[[], None] = _no_barrier,
     progress: bool = True,
+    attachments: Mapping[str, np.ndarray] | None = None,
 ) -> PredictionCache:
     """Build (or resume, or just open) the prediction cache of ``identity`` under ``root``.
 
@@ -667,6 +702,9 @@ def build_cache(
                 called once per shard, so the caller batches inside it. Must return the same fields,
                 dtypes and per-sample shapes for every shard.
     shard_size: samples per shard (the unit of resumption). A resumed build keeps its first shard size.
+    attachments: whole-cache arrays stored next to the fields (name -> numeric array of any shape), read
+                back as ``cache.attachments``; they must follow from the identity (the merging process's are
+                written). A complete cache is opened as it is.
     process_index, num_processes, wait_for_everyone: for multi-process builds (e.g. from Accelerate:
                 ``accelerator.process_index``, ``accelerator.num_processes``,
                 ``accelerator.wait_for_everyone``). Shard i is computed by process i % num_processes;
@@ -748,7 +786,9 @@ def build_cache(
     if is_main:
         if not final_dir.is_dir():
             logger.info("merging %d shards into %s", num_shards, final_dir)
-            _merge_shards(build_dir, final_dir, plan, key_table, identity_doc, progress)
+            _merge_shards(
+                build_dir, final_dir, plan, key_table, identity_doc, progress, _check_attachments(attachments or {})
+            )
         _remove_build_dir(build_dir)
         logger.info("prediction cache ready: %s", final_dir)
     wait_for_everyone()

@@ -138,6 +138,25 @@ class TeacherPredictions:
         """False for images that were corrupt when the cache was built (skipped and counted)."""
         return self.field("valid").astype(bool)
 
+    @property
+    def text_classifier(self) -> np.ndarray:
+        """float32 [C, D]: the zero-shot classifier the logits were computed with (one L2-normalized prompt-
+        ensemble embedding per class, in class order); logits = logit_scale * features @ text_classifier.T."""
+        return np.asarray(self._attachment("text_classifier"), dtype=np.float32)
+
+    @property
+    def logit_scale(self) -> float:
+        """The teacher's own exp(logit_scale) the cached logits were computed with (100 for OpenAI CLIP)."""
+        return float(self._attachment("logit_scale"))
+
+    def _attachment(self, name: str) -> np.ndarray:
+        if name not in self.cache.attachments:
+            raise UserError(
+                f"the prediction cache {self.cache.directory} holds no {name!r}; delete it to rebuild it with this "
+                "version"
+            )
+        return self.cache.attachments[name]
+
     def zeroshot_report(self) -> dict[str, Any]:
         """classification_report of CLIP on the valid samples (label-free entries are null without labels)."""
         valid = self.valid
@@ -215,6 +234,10 @@ def _build_teacher_cache(config, table, prompts, identity, root, *, progress: bo
         num_processes=state.num_processes,
         wait_for_everyone=state.wait_for_everyone,
         progress=progress and state.is_main_process,
+        attachments={
+            "text_classifier": classifier.T.float().cpu().numpy(),  # [C, D]
+            "logit_scale": np.asarray(clip.logit_scale, dtype=np.float32),
+        },
     )
 
 
