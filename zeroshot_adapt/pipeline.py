@@ -5,10 +5,12 @@ Each public function takes a resolved RunConfig and writes its results (JSON, PN
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -84,6 +86,8 @@ def load_table(config: RunConfig, split: str) -> SampleTable:
         data_dir=data.data_dir,
         holdout_fraction=data.holdout_fraction,
         seed=0,
+        hf_id=data.hf_id,
+        hf_revision=data.hf_revision,
     )
 
 
@@ -279,9 +283,9 @@ def pseudolabel_report(config: RunConfig, out_dir: str | Path) -> dict[str, Any]
     from zeroshot_adapt.reports.plots import plot_threshold_sweep
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tau = config.pseudo.tau_clip
     preds = teacher_predictions(config, "train")
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused command leaves no folder behind
     table, classes = preds.table, list(preds.prompts.classes)
     labels = np.asarray(table.labels) if table.has_labels else None
     confidence, prediction, valid = preds.confidence, preds.prediction, preds.valid  # corrupt: counted, not scored
@@ -487,13 +491,12 @@ def _adapt(config: RunConfig, *, stop_after_steps: int | None, data: TrainingDat
     run_dir = Path(config.run_dir)
     accelerator = Accelerator(mixed_precision=config.optim.mixed_precision, log_with=config.log_with,
                               project_dir=str(run_dir), cpu=not torch.cuda.is_available())
-    if accelerator.is_main_process:
+    data = prepare_training_data(config) if data is None else data
+    if accelerator.is_main_process:  # only now: a refused dataset, labels file, ... leaves no run behind
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(config, run_dir / "config.yaml")
     if config.log_with:
         accelerator.init_trackers("zeroshot-adapt")
-
-    data = prepare_training_data(config) if data is None else data
     if len(data.labeled_indices) == 0:
         log.warning("the labeled set is empty (tau_clip=%s): training on the unlabeled loss only",
                     config.pseudo.tau_clip)
@@ -658,14 +661,24 @@ def finished_report(run_dir: Path) -> dict[str, Any] | None:
     return report if finished and all(path.is_file() for path in outputs) else None
 
 
-def _run_directory_lock(run_dir: Path):
-    """The run directory's lock (main process only; the other processes of a launch share its run)."""
-    import contextlib
-
+@contextlib.contextmanager
+def _run_directory_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's lock (main process only; the other processes of a launch share its run).
+    A run directory this call created and left holding nothing but the lock (a refused command) is removed."""
     from accelerate import PartialState
 
     from zeroshot_adapt.locks import exclusive_lock
 
     if not PartialState(cpu=not torch.cuda.is_available()).is_main_process:
-        return contextlib.nullcontext()
-    return exclusive_lock(run_dir / RUN_LOCK_NAME, what=f"run directory {str(run_dir)!r}")
+        yield
+        return
+    created = not run_dir.exists()
+    lock = run_dir / RUN_LOCK_NAME
+    try:
+        with exclusive_lock(lock, what=f"run directory {str(run_dir)!r}"):
+            yield
+    finally:
+        if created and run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == [RUN_LOCK_NAME]:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+                run_dir.rmdir()

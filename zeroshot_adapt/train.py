@@ -472,9 +472,12 @@ def train(
         elif metrics_path.exists():
             metrics_path.unlink()
 
+    def check_finite() -> None:  # before anything is saved, recorded or evaluated
+        guard.check(accelerator, step, (accelerator.unwrap_model(student), ema))
+
     def save_checkpoint(pending_record: dict[str, Any] | None = None) -> None:
         model = accelerator.unwrap_model(student)
-        guard.check(accelerator, step, (model, ema))  # never replace the last good checkpoint with NaN weights
+        check_finite()  # never replace the last good checkpoint with NaN weights
         rng_states = gather_object([_rng_state()]) if world > 1 else [_rng_state()]
         if main:
             atomic_torch_save(
@@ -587,6 +590,7 @@ def train(
                 progress.set_postfix(loss=f"{float(metrics['loss']):.3f}")
 
             if step % settings.steps_per_epoch == 0 or step == settings.total_steps:
+                check_finite()
                 epoch = math.ceil(step / settings.steps_per_epoch)
                 record = _epoch_record(accelerator, stats, algorithm, epoch, step, optimizer, tally)
                 record["seconds_per_step"] = (time.perf_counter() - step_start) / max(1, stats.steps)
