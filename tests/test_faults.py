@@ -340,6 +340,14 @@ def test_a_full_small_filesystem_while_checkpointing(tmp_path, cache_dir, finish
 # ============================================================================ signals and concurrent runs
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _wait_for_steps(log: Path, total: int, steps: int, process: subprocess.Popen) -> None:
     deadline = time.time() + SUBPROCESS_TIMEOUT_S
     while time.time() < deadline and process.poll() is None:
@@ -375,6 +383,10 @@ def test_sigterm_to_the_process_group_with_workers_checkpoints_and_a_second_run_
                 os.killpg(process.pid, signal.SIGKILL)
     stderr = log.read_text()
     assert process.returncode == 130, stderr[-3000:]
+    deadline = time.time() + 30  # the workers (which ignored the signal) ended with the main process
+    while time.time() < deadline and _group_alive(process.pid):
+        time.sleep(0.2)
+    assert not _group_alive(process.pid), "DataLoader workers outlived the run"
     assert "interrupted: re-run the same command to resume" in out
     assert "killed by signal" not in stderr and "Traceback" not in stderr, stderr[-3000:]
     step = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"]
