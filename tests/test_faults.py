@@ -623,3 +623,24 @@ def test_hub_id_and_revision_reach_load_dataset(monkeypatch):
     with pytest.raises(UserError, match="could not download"):
         pipeline.load_table(config, "train")
     assert seen == {"path": "timm/eurosat-rgb", "revision": "refs/convert/parquet"}
+
+
+def test_the_run_lock_dies_with_its_holder(tmp_path):
+    """flock is released by the kernel however the holder ends (here SIGKILL): no stale lock."""
+    from zeroshot_adapt.locks import LockedError, exclusive_lock
+
+    lock = tmp_path / "run" / pipeline.RUN_LOCK_NAME
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from zeroshot_adapt.locks import exclusive_lock\n"
+         f"with exclusive_lock({str(lock)!r}, what='x'):\n    print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError, match=f"process {holder.pid} on host"):
+            with exclusive_lock(lock, what="x"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    with exclusive_lock(lock, what="x"):
+        pass

@@ -264,7 +264,7 @@ def test_training_views_replace_a_corrupt_image_by_the_next_readable_one():
     assert (item["index"], item["corrupt_skipped"], item["clip_label"], item["true_label"]) == (1, 1, 2, 7 % 4)
 
 
-def test_corrupt_training_images_are_counted_once_and_resume_stays_exact(tmp_path):
+def test_corrupt_training_images_are_counted_once_and_resume_stays_exact(tmp_path, caplog):
     from synthetic import strong, weak
 
     from zeroshot_adapt.data.datasets import LabeledViews, UnlabeledViews
@@ -281,6 +281,8 @@ def test_corrupt_training_images_are_counted_once_and_resume_stays_exact(tmp_pat
         return result, student
 
     _, whole = run(tmp_path / "a")
+    logged = [r.getMessage() for r in caplog.records if "corrupt image skipped in training" in r.getMessage()]
+    assert sorted(m.rsplit(" ", 1)[-1] for m in logged) == ["img001", "img006", "img007"]  # each once
     run(tmp_path / "b", stop_after=5, workers=2)
     _, resumed = run(tmp_path / "b")
     for name, tensor in whole.state_dict().items():
