@@ -62,6 +62,8 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--run-dir", help="run directory (default runs/<dataset>/<algorithm>); re-run to resume")
         p.add_argument("--seed", type=int)
         p.add_argument("--epochs", type=int)
+        p.add_argument("--reevaluate", action="store_true",
+                       help="a finished run: evaluate it again instead of printing its saved report")
         if name == "ssl":
             group = p.add_mutually_exclusive_group(required=True)
             group.add_argument("--label-fraction", type=float, help="e.g. 0.01 for ImageNet 1%%")
@@ -188,7 +190,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             from dataclasses import replace
 
             config = replace(config, run_dir=f"runs/{name}/{args.command}-{config.algorithm.name}")
-        report = pipeline.adapt(config)
+        report = pipeline.adapt(config, reevaluate=args.reevaluate)
         _print_summary(report, config.run_dir)
         return 0 if report["completed"] else EXIT_INTERRUPTED
     if args.command == "baseline":
@@ -260,7 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(argv)
     except UserError as error:
-        print(f"zsa: error: {error}", file=sys.stderr)
+        from zeroshot_adapt.data.datasets import worker_user_error
+
+        print(f"zsa: error: {worker_user_error(error) or error}", file=sys.stderr)  # a worker's: its own message
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("zsa: interrupted", file=sys.stderr)

@@ -29,6 +29,9 @@ class DataConfig:
     holdout_fraction: float = 0.2  # sources with one split only: held-out test part (fixed seed)
     image_size: int = 224  # student input size
     num_workers: int = 2
+    # hub source overrides (harden): a script-free copy or the parquet export of a repo that holds a loading script
+    hf_id: str | None = None  # None: the dataset's registered hub id (e.g. timm/eurosat-rgb instead of tanganke's)
+    hf_revision: str | None = None  # branch / tag / commit of the hub repo, e.g. refs/convert/parquet
 
 
 @dataclass(frozen=True)

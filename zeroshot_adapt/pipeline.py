@@ -5,9 +5,12 @@ Each public function takes a resolved RunConfig and writes its results (JSON, PN
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -32,7 +35,7 @@ from zeroshot_adapt.errors import UserError
 from zeroshot_adapt.fileio import atomic_write
 from zeroshot_adapt.pseudo_labels import select_confident, selection_report, threshold_sweep
 from zeroshot_adapt.reports.metrics import classification_report, write_json
-from zeroshot_adapt.teacher.prompts import PromptSet, custom_prompts, load_prompts
+from zeroshot_adapt.teacher.prompts import PromptSet, align_prompts, custom_prompts, load_prompts
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,8 @@ def load_table(config: RunConfig, split: str) -> SampleTable:
         data_dir=data.data_dir,
         holdout_fraction=data.holdout_fraction,
         seed=0,
+        hf_id=data.hf_id,
+        hf_revision=data.hf_revision,
     )
 
 
@@ -91,8 +96,11 @@ GENERIC_TEMPLATE = "a photo of a {}."
 
 def prompts_for(config: RunConfig, table: SampleTable) -> PromptSet:
     """The --prompts file, else the dataset's own, else (generic image folders) its folder names with
-    CLIP's generic template."""
-    name = config.teacher.prompts or get_spec(config.data.dataset).prompts
+    CLIP's generic template. A prompt file's classes are matched to the dataset's BY NAME (another order
+    is re-mapped to the dataset's label order; names that do not match are refused, listing both sides),
+    so CLIP's label i always means the dataset's class i."""
+    spec = get_spec(config.data.dataset)
+    name = config.teacher.prompts or spec.prompts
     if name is None:
         if not table.class_names:
             raise UserError(f"dataset {config.data.dataset!r} has no class names: pass --prompts FILE.json")
@@ -101,12 +109,11 @@ def prompts_for(config: RunConfig, table: SampleTable) -> PromptSet:
             provenance="class folder names with CLIP's generic template",
         )
     prompts = load_prompts(name)
-    if table.class_names and len(prompts.classes) != len(table.class_names):
-        raise UserError(
-            f"prompt file {prompts.source or config.teacher.prompts!r} has {len(prompts.classes)} classes but dataset "
-            f"{config.data.dataset!r} has {len(table.class_names)}; pass a matching --prompts file"
-        )
-    return prompts
+    if not table.class_names:
+        return prompts
+    space = spec.class_space()
+    folder_names = space.folder_names if space is not None and tuple(space.names) == tuple(table.class_names) else None
+    return align_prompts(prompts, list(table.class_names), folder_names, dataset=config.data.dataset)
 
 
 # ----------------------------------------------------------------------------- teacher cache
@@ -276,9 +283,9 @@ def pseudolabel_report(config: RunConfig, out_dir: str | Path) -> dict[str, Any]
     from zeroshot_adapt.reports.plots import plot_threshold_sweep
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tau = config.pseudo.tau_clip
     preds = teacher_predictions(config, "train")
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused command leaves no folder behind
     table, classes = preds.table, list(preds.prompts.classes)
     labels = np.asarray(table.labels) if table.has_labels else None
     confidence, prediction, valid = preds.confidence, preds.prediction, preds.valid  # corrupt: counted, not scored
@@ -394,45 +401,83 @@ def _steps(config: RunConfig, num_unlabeled: int) -> tuple[int, int, int]:
 
 def make_evaluator(table: SampleTable, transform, *, accelerator, batch_size: int, num_workers: int, class_names):
     """model -> classification_report (top-1, top-5, mean per-class recall, confusion, ...) on `table`,
-    sharded across processes."""
+    sharded across processes.
+
+    Corrupt test images are skipped and counted, never scored (a black placeholder would be a wrong
+    prediction): the report's ``num_corrupt_skipped`` says how many, and they are logged once."""
     from accelerate.utils import gather_object
     from torch.utils.data import DataLoader
 
-    from zeroshot_adapt.data.datasets import TableDataset
+    from zeroshot_adapt.data.datasets import TableDataset, ignore_stop_signals, unwrap_worker_errors
 
     rank, world = accelerator.process_index, accelerator.num_processes
     indices = np.arange(len(table))[rank::world]
     labels = np.asarray(table.labels)
+    warned: list[bool] = []
 
     @torch.no_grad()
     def evaluate(model: torch.nn.Module) -> dict[str, Any]:
-        loader = DataLoader(TableDataset(table, transform, indices=indices), batch_size=batch_size,
-                            num_workers=num_workers)
+        loader = DataLoader(TableDataset(table, transform, indices=indices, warn=False), batch_size=batch_size,
+                            num_workers=num_workers, worker_init_fn=ignore_stop_signals if num_workers else None)
         was_training = model.training
         model.eval()
-        logits, positions = [], []
-        for batch in loader:
+        logits, positions, corrupt = [], [], []
+        for batch in unwrap_worker_errors(iter(loader)):
+            ok = batch["ok"].numpy().astype(bool)
+            where = indices[batch["position"].numpy()]
+            corrupt.append(where[~ok])
+            if not ok.any():
+                continue
             with accelerator.autocast():
-                logits.append(model(batch["image"].to(accelerator.device)).float().cpu())
-            positions.append(indices[batch["position"].numpy()])
+                logits.append(model(batch["image"][torch.from_numpy(ok)].to(accelerator.device)).float().cpu())
+            positions.append(where[ok])
         model.train(was_training)
-        local = (torch.cat(logits).numpy(), np.concatenate(positions))
+        local = (torch.cat(logits).numpy() if logits else np.zeros((0, len(class_names)), np.float32),
+                 np.concatenate(positions) if positions else np.zeros(0, np.int64), np.concatenate(corrupt))
         parts = gather_object([local]) if world > 1 else [local]
         all_logits = np.concatenate([p[0] for p in parts])
         order = np.concatenate([p[1] for p in parts])
-        return classification_report(all_logits, all_logits.argmax(1), labels[order], class_names)
+        skipped = np.concatenate([p[2] for p in parts])
+        if len(skipped) and not warned:
+            warned.append(True)
+            shown = ", ".join(table.keys[i] for i in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+            log.warning("%d corrupt test image(s) of %s/%s skipped and not scored: %s", len(skipped), table.dataset,
+                        table.split, shown)
+        if not len(order):
+            raise UserError(f"every one of the {len(table)} test images of {table.dataset}/{table.split} is corrupt")
+        report = classification_report(all_logits, all_logits.argmax(1), labels[order], class_names)
+        report["num_corrupt_skipped"] = int(len(skipped))
+        return report
 
     return evaluate
 
 
 def adapt(
-    config: RunConfig, *, stop_after_steps: int | None = None, data: TrainingData | None = None
+    config: RunConfig,
+    *,
+    stop_after_steps: int | None = None,
+    data: TrainingData | None = None,
+    reevaluate: bool = False,
 ) -> dict[str, Any]:
     """The whole method: cache (if missing) -> filter -> train the student -> evaluate; resumable.
 
     data: train on these sets instead of `prepare_training_data(config)` (the multi-run stages in
     `stages.py` pass CReST's / alternate sampling's labeled set of human labels + pseudo-labels).
+    A run directory is locked while a run uses it (a second run there is refused, naming the holder),
+    its checkpoint must hold the same config (:func:`check_resume_config`), and a finished run re-opened
+    returns its saved report without recomputing anything, unless `reevaluate`.
     """
+    run_dir = Path(config.run_dir)
+    with _run_directory_lock(run_dir):
+        check_resume_config(config, run_dir)
+        saved = None if reevaluate else finished_report(run_dir)
+        if saved is not None:
+            log.info("%s holds this run, finished: its saved report (evaluate it again with --reevaluate)", run_dir)
+            return saved
+        return _adapt(config, stop_after_steps=stop_after_steps, data=data)
+
+
+def _adapt(config: RunConfig, *, stop_after_steps: int | None, data: TrainingData | None) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -441,19 +486,17 @@ def adapt(
     from zeroshot_adapt.data.transforms import build_transforms
     from zeroshot_adapt.models.student import EmanTeacher, create_student
     from zeroshot_adapt.reports.plots import plot_confusion, plot_pseudo_label_distribution
-    from zeroshot_adapt.train import LoopSettings, train
+    from zeroshot_adapt.train import LoopSettings, atomic_torch_save, train
 
     run_dir = Path(config.run_dir)
     accelerator = Accelerator(mixed_precision=config.optim.mixed_precision, log_with=config.log_with,
                               project_dir=str(run_dir), cpu=not torch.cuda.is_available())
-    if accelerator.is_main_process:
+    data = prepare_training_data(config) if data is None else data
+    if accelerator.is_main_process:  # only now: a refused dataset, labels file, ... leaves no run behind
         run_dir.mkdir(parents=True, exist_ok=True)
-        check_resume_config(config, run_dir)
         save_yaml(config, run_dir / "config.yaml")
     if config.log_with:
         accelerator.init_trackers("zeroshot-adapt")
-
-    data = prepare_training_data(config) if data is None else data
     if len(data.labeled_indices) == 0:
         log.warning("the labeled set is empty (tau_clip=%s): training on the unlabeled loss only",
                     config.pseudo.tau_clip)
@@ -492,6 +535,7 @@ def adapt(
         accelerator=accelerator, student=student, ema=ema, algorithm=algorithm,
         labeled=labeled if len(labeled) else None, unlabeled=unlabeled, settings=settings,
         num_classes=data.num_classes, run_dir=run_dir, evaluate=evaluate, stop_after_steps=stop_after_steps,
+        run_config=_plain(to_dict(config)),
     )
     report: dict[str, Any] = {
         "dataset": config.data.dataset,
@@ -503,10 +547,12 @@ def adapt(
                         "tau_clip": None if config.ssl.enabled else config.pseudo.tau_clip},
         "unlabeled_set": {"size": int(len(data.unlabeled_indices))},
     }
+    if result.history:
+        report["corrupt_training_images_skipped"] = result.history[-1].get("corrupt_images_skipped", 0)
     if data.clip_test is not None:
         report["clip_zeroshot"] = {k: data.clip_test[k] for k in ("top1", "mean_per_class_recall")}
     final = result.final_evaluation  # the loop's last-epoch evaluation: no second pass over the test set
-    if result.completed and evaluate is not None and not final:  # a finished run re-opened: evaluate once
+    if result.completed and evaluate is not None and not final:  # re-evaluation of a finished run
         final = {"student": evaluate(accelerator.unwrap_model(student)), "ema": evaluate(ema)}
     if result.completed:
         for prefix, full in final.items():
@@ -514,33 +560,125 @@ def adapt(
             report[prefix]["confusion"] = full["confusion"]
             if accelerator.is_main_process:
                 plot_confusion(np.asarray(full["confusion"]), data.class_names, run_dir / f"confusion_{prefix}.png")
+        if "student" in final:
+            report["test_set"] = {"size": len(data.test), "corrupt_skipped": final["student"]["num_corrupt_skipped"]}
     if accelerator.is_main_process:
         if result.history:
             plot_pseudo_label_distribution(
                 [(r["epoch"], r["pseudo_label_counts"]) for r in result.history],
                 run_dir / "pseudo_label_distribution.png",
             )
-        write_json(report, run_dir / "report.json")
-        torch.save(accelerator.unwrap_model(student).state_dict(), run_dir / "student.pt")
+        atomic_torch_save(accelerator.unwrap_model(student).state_dict(), run_dir / "student.pt")
+        write_json(report, run_dir / "report.json")  # last: a completed report.json means every output is there
     accelerator.end_training()
     return report
 
 
-_RESUME_SENSITIVE = ("data", "teacher", "pseudo", "algorithm", "student", "optim", "ssl", "seed")
+# ----------------------------------------------------------------------------- run directories: lock, resume
+
+RUN_LOCK_NAME = ".zsa-run.lock"
+
+RESUME_IGNORED_KEYS: dict[str, str] = {
+    "data.num_workers": "every item carries its own augmentation seed (data/sampling.py), so the batches are the "
+    "same for any worker count (tests/test_train.py::test_resume_with_workers_and_accumulation)",
+    "teacher.num_workers": "decoding workers of the CLIP cache build: they decode, they do not change a prediction",
+    "teacher.cache_dir": "where the prediction cache lives; the cache's identity holds everything that changes "
+    "its content, so a moved cache is the same cache",
+    "run_dir": "the run directory's own path: a moved run directory resumes",
+    "log_with": "Accelerate trackers only receive the metrics",
+    "checkpoint_every_steps": "a checkpoint can be written at any step and resuming from it equals not stopping "
+    "(tests/test_train.py::test_resume_equals_uninterrupted)",
+    "eval_every_epochs": "evaluation changes no weight and leaves every RNG as it was "
+    "(tests/test_train.py::test_evaluation_changes_nothing): it only decides which epoch records carry test "
+    "metrics, and the last epoch is always evaluated",
+}
+"""Config keys the resume guard does not compare, each with the reason it cannot change the result."""
+
+
+def _plain(value: Any) -> Any:
+    """JSON round trip: tuples become lists, so saved and current configs compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+_ABSENT = "(absent)"
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) for every key that differs, except RESUME_IGNORED_KEYS."""
+    old, new = _flatten(_plain(saved)), _flatten(_plain(current))
+    keys = sorted(set(old) | set(new))
+    return [(k, old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in keys
+            if k not in RESUME_IGNORED_KEYS and old.get(k, _ABSENT) != new.get(k, _ABSENT)]
 
 
 def check_resume_config(config: RunConfig, run_dir: Path) -> None:
-    """Resuming into a run directory with a different config would silently mix two runs: refuse."""
-    import yaml
+    """Resuming into a run directory with a different config would silently mix two runs: refuse, naming
+    every differing key with both values.
 
-    saved_path = run_dir / "config.yaml"
-    if not (saved_path.is_file() and (run_dir / "checkpoints").exists()):
+    The saved config is read from the checkpoint itself (never from config.yaml, which may be missing or
+    edited). Keys that cannot change the result (RESUME_IGNORED_KEYS) are not compared."""
+    from zeroshot_adapt.train import CHECKPOINT_NAME, read_checkpoint
+
+    checkpoint = Path(run_dir) / "checkpoints" / CHECKPOINT_NAME
+    if not checkpoint.is_file():
         return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    current = yaml.safe_load(yaml.safe_dump(to_dict(config)))
-    changed = [k for k in _RESUME_SENSITIVE if saved.get(k) != current.get(k)]
+    saved = read_checkpoint(checkpoint, mmap=True).get("config")
+    if not isinstance(saved, dict):
+        raise UserError(f"checkpoint {str(checkpoint)!r} holds no run config; delete it (or use another --run-dir) "
+                        "to start the run over")
+    changed = config_differences(saved, to_dict(config))
     if changed:
+        lines = "\n  ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in changed)
         raise UserError(
-            f"run directory {str(run_dir)!r} holds a run with a different config ({', '.join(changed)} changed); "
-            "use another --run-dir, or delete that one to start over"
+            f"run directory {str(run_dir)!r} holds a run with a different config ({len(changed)} key(s) differ):\n  "
+            f"{lines}\nuse another --run-dir, or delete that one to start over (not compared, since they cannot "
+            f"change the result: {', '.join(RESUME_IGNORED_KEYS)})"
         )
+
+
+def finished_report(run_dir: Path) -> dict[str, Any] | None:
+    """The saved report.json of a finished run in `run_dir` (all its outputs written, and its checkpoint,
+    which :func:`check_resume_config` compares with the current config, still there), else None."""
+    from zeroshot_adapt.train import CHECKPOINT_NAME
+
+    path = Path(run_dir) / "report.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    finished = isinstance(report, dict) and report.get("completed") and report.get("step") == report.get("total_steps")
+    outputs = (Path(run_dir) / "student.pt", Path(run_dir) / "checkpoints" / CHECKPOINT_NAME)
+    return report if finished and all(path.is_file() for path in outputs) else None
+
+
+@contextlib.contextmanager
+def _run_directory_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's lock (main process only; the other processes of a launch share its run).
+    A run directory this call created and left holding nothing but the lock (a refused command) is removed."""
+    from accelerate import PartialState
+
+    from zeroshot_adapt.locks import exclusive_lock
+
+    if not PartialState(cpu=not torch.cuda.is_available()).is_main_process:
+        yield
+        return
+    created = not run_dir.exists()
+    lock = run_dir / RUN_LOCK_NAME
+    try:
+        with exclusive_lock(lock, what=f"run directory {str(run_dir)!r}"):
+            yield
+    finally:
+        if created and run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == [RUN_LOCK_NAME]:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+                run_dir.rmdir()

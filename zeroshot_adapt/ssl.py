@@ -92,9 +92,17 @@ def stratified_counts(class_sizes: dict[int, int], fraction: float) -> dict[int,
 
 def _read_key_file(path: str | Path) -> list[str]:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"labeled-keys file {str(path)!r} is a directory, not a text file of sample keys")
     if not path.is_file():
         raise UserError(f"labeled-keys file {str(path)!r} does not exist")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"labeled-keys file {str(path)!r} is not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
+    lines = [line.strip() for line in text.splitlines()]
     return [line for line in lines if line and not line.startswith("#")]
 
 

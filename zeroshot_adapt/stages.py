@@ -109,13 +109,13 @@ def run_config(run_dir: str | Path) -> RunConfig:
 
 def load_trained_student(config: RunConfig, num_classes: int, path: str | Path) -> nn.Module:
     """The student architecture of `config` with the weights `adapt` saved at `path` (eval mode)."""
-    from zeroshot_adapt.models.student import create_student
+    from zeroshot_adapt.models.student import create_student, read_state_dict
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no trained student at {str(path)!r}: run the training stage first")
     model = create_student(config.student.arch, num_classes, pretrained=None)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.load_state_dict(read_state_dict(path))
     return model.eval()
 
 
@@ -429,6 +429,7 @@ def run_alternate(
     with the test accuracy of each round's embedding student and of its balanced classifier.
     """
     from zeroshot_adapt.baselines import alternate_schedule
+    from zeroshot_adapt.models.student import read_state_dict
 
     _require_single_process()
     if not 0.0 <= pseudo_threshold <= 1.0:
@@ -493,7 +494,7 @@ def run_alternate(
             model = load_trained_student(round_config, data.num_classes, round_dir / STUDENT_NAME)
             saved = round_dir / ROUND_REPORT_NAME
             if balanced_path.is_file() and saved.is_file():
-                model.load_state_dict(torch.load(balanced_path, map_location="cpu", weights_only=True))
+                model.load_state_dict(read_state_dict(balanced_path))
                 entry["balanced"] = json.loads(saved.read_text())["balanced"]
             else:
                 _, features = predict_table(model, data.train, data.labeled_indices, transform, with_features=True,

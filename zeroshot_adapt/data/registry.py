@@ -308,18 +308,29 @@ def _digits_source(classes: ClassSpace | None) -> Source:
     )
 
 
-def open_source(spec: DatasetSpec, data_dir: str | None, classes: ClassSpace | None) -> Source:
-    """The Source that `data_dir` (or the hub, or the bundled digits) describes."""
+def open_source(
+    spec: DatasetSpec,
+    data_dir: str | None,
+    classes: ClassSpace | None,
+    *,
+    hf_id: str | None = None,
+    hf_revision: str | None = None,
+) -> Source:
+    """The Source that `data_dir` (or the hub, or the bundled digits) describes.
+
+    hf_id / hf_revision: read another hub repository (or a branch / tag / commit of it, such as the
+    parquet export ``refs/convert/parquet``) instead of the spec's; only without `data_dir`."""
     if spec.name == "digits":
         if data_dir is not None:
             raise UserError(f"dataset 'digits' is bundled with scikit-learn; do not pass data_dir={data_dir!r}")
         return _digits_source(classes)
     if data_dir is None:
-        if spec.hf_id is None:
+        if (hf_id or spec.hf_id) is None:
             raise UserError(f"dataset {spec.name!r} has no hub copy: pass --data-dir (data.data_dir) with its files")
         return HubSource(
             dataset=spec.name,
-            hf_id=spec.hf_id,
+            hf_id=hf_id or spec.hf_id,
+            revision=hf_revision,
             hf_config=spec.hf_config,
             split_names=[spec.train_split or "", spec.test_split or ""],
             image_column=spec.image_column,
@@ -352,6 +363,8 @@ def load_split(
     holdout_fraction: float = 0.2,
     seed: int = 0,
     source_split: str | None = None,
+    hf_id: str | None = None,
+    hf_revision: str | None = None,
 ) -> SampleTable:
     """Load the "train" or "test" split of a registered dataset as a SampleTable.
 
@@ -360,6 +373,7 @@ def load_split(
     source_split: read this split of the source as-is instead of the spec's default (e.g. "validation").
     holdout_fraction / seed: the stratified holdout used when the source has a single split (0: train and
         test are both the whole split).
+    hf_id / hf_revision: another hub repository / revision than the spec's (see `open_source`).
     """
     spec = get_spec(dataset)
     if split not in SPLITS and source_split is None:
@@ -369,7 +383,7 @@ def load_split(
     classes = spec.class_space()
     if classes is not None and spec.num_classes is not None and len(classes) != spec.num_classes:
         raise UserError(f"{classes.source} lists {len(classes)} classes; dataset {spec.name!r} has {spec.num_classes}")
-    source = open_source(spec, data_dir, classes)
+    source = open_source(spec, data_dir, classes, hf_id=hf_id, hf_revision=hf_revision)
     names = source.split_names()
 
     if source_split is not None:

@@ -18,24 +18,35 @@ Fingerprint: sha256 over the sorted ``key<TAB>content id`` lines, where the cont
 changing a sample changes it; re-ordering does not.
 
 Corrupt or truncated images: ``load_image`` raises ``CorruptImageError`` naming the file (or key);
-``scan_images(table)`` lists every bad one up front. ``TableDataset`` (teacher cache,
-evaluation) catches it and skips-and-counts; the training views rely on the pipeline dropping the
-samples the teacher cache marked invalid.
+``scan_images(table)`` lists every bad one up front. ``TableDataset`` (teacher cache, evaluation)
+catches it and skips-and-counts; the training views replace a corrupt item by the next readable one
+(data/datasets.py). An image that cannot be read for a reason of the system rather than of its bytes
+(any OSError with an errno: permissions, EIO, too many open files, ...) is retried with backoff
+(``RETRY_DELAYS_S``) and, if that persists, raises ``ImageReadError`` naming the file — never a
+``CorruptImageError``, so a passing problem is never recorded as a corrupt image.
+
+Folder walks follow symbolic links but never enter the same directory twice (tracked by
+(st_dev, st_ino)): a link back to an ancestor (``Forest/loop -> ..``) or a second link to a listed
+directory is skipped with a warning. FIFOs, sockets and devices are skipped (never opened: a FIFO would
+block), and so are dangling links; each kind is counted in one warning per split.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
 import logging
 import os
 import re
+import stat
 import struct
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -70,16 +81,68 @@ class CorruptImageError(UserError):
 
 # --------------------------------------------------------------------------------------------- images
 
+RETRY_DELAYS_S = (0.05, 0.25, 1.0)  # waits before the 2nd, 3rd and 4th attempt at a failing file operation
+# errnos that no retry can fix (the file is gone, or is not what it should be): fail at once
+_PERMANENT_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG})
 
-def decode_image(source: str | os.PathLike | bytes, name: str) -> Image.Image:
-    """Fully decode an image file or encoded bytes into an RGB PIL image (grayscale/palette/alpha
-    converted). Raises CorruptImageError(name) when it is unreadable or truncated."""
+
+class ImageReadError(UserError):
+    """An image that could not be read for a reason of the system (permissions, I/O error, too many open
+    files, ...), not of its content. Never recorded as a corrupt image: fix the cause and run again."""
+
+    def __init__(self, path: str, reason: str = "") -> None:  # one-argument form: how torch rebuilds it
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"cannot read image {path!r}: {reason}. This is a problem of the file system or its permissions, "
+            "not of the image (it was not recorded as corrupt): fix it and run the same command again"
+            if reason else path
+        )
+
+
+def _describe_os_error(error: OSError) -> str:
+    name = errno.errorcode.get(error.errno or 0, "")
+    return f"{error.strerror or error} ({name})" if name else str(error)
+
+
+def retry_os_errors(action: Callable[[], Any], *, what: str) -> Any:
+    """`action()`, retried after RETRY_DELAYS_S when it raises an OSError with an errno that may pass
+    (EACCES, EIO, EMFILE, EAGAIN, ...); the last error (or a permanent one) is raised as is."""
+    for delay in (*RETRY_DELAYS_S, None):
+        try:
+            return action()
+        except OSError as error:
+            if error.errno is None or error.errno in _PERMANENT_ERRNOS or delay is None:
+                raise
+            log.debug("%s: %s; retrying in %.2f s", what, error, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _decode_once(source: str | os.PathLike | bytes, name: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image.load()  # force decoding now: truncated files fail here, not later in a worker
             return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except OSError as error:
+        if error.errno is not None:
+            raise  # the system's problem (permissions, EIO, ...), not the image's: retried by the caller
         raise CorruptImageError(name, str(error) or type(error).__name__) from None
+    except (ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise CorruptImageError(name, str(error) or type(error).__name__) from None
+
+
+def decode_image(source: str | os.PathLike | bytes, name: str) -> Image.Image:
+    """Fully decode an image file or encoded bytes into an RGB PIL image (grayscale/palette/alpha
+    converted). Raises CorruptImageError(name) when its bytes are not a readable image, ImageReadError
+    when the file cannot be read (after retries: see the module docstring)."""
+    try:
+        return retry_os_errors(lambda: _decode_once(source, name), what=f"reading image {name!r}")
+    except OSError as error:
+        reason = _describe_os_error(error)
+        if error.errno == errno.ENOENT:
+            reason += " — deleted or moved since the dataset was listed?"
+        raise ImageReadError(name, reason) from None
 
 
 def scan_images(table: SampleTable, *, progress: bool = False) -> list[str]:
@@ -99,13 +162,20 @@ def scan_images(table: SampleTable, *, progress: bool = False) -> list[str]:
 
 
 class FileImageLoader:
-    """index -> RGB image read from `paths[index]`; errors name the path."""
+    """index -> RGB image read from `paths[index]`; errors name the path. The file is stat'ed first: a
+    FIFO, socket or device is never opened (opening a FIFO blocks until someone writes to it)."""
 
     def __init__(self, paths: Sequence[str]) -> None:
         self.paths = list(paths)
 
     def __call__(self, index: int) -> Image.Image:
         path = self.paths[index]
+        try:
+            mode = retry_os_errors(lambda: os.stat(path).st_mode, what=f"stat {path!r}")
+        except OSError as error:
+            raise ImageReadError(path, _describe_os_error(error)) from None
+        if not stat.S_ISREG(mode):
+            raise ImageReadError(path, "not a regular file (a FIFO, socket or device?)")
         return decode_image(path, path)
 
 
@@ -328,22 +398,125 @@ def _is_image_file(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _list_dir(path: Path) -> list[os.DirEntry]:
+    """The entries of `path`, sorted by name; transient errors retried, then a UserError naming it."""
+    def scan() -> list[os.DirEntry]:
+        with os.scandir(path) as entries:
+            return sorted(entries, key=lambda entry: entry.name)
+
+    try:
+        return retry_os_errors(scan, what=f"listing {str(path)!r}")
+    except OSError as error:
+        raise UserError(f"cannot list directory {str(path)!r}: {_describe_os_error(error)}") from None
+
+
 def _subdirs(path: Path) -> list[str]:
-    return sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith("."))
+    """Names of the (non-hidden) folders in `path`, links to folders included, sorted."""
+    names = []
+    for entry in _list_dir(path):
+        if entry.name.startswith("."):
+            continue
+        try:
+            if entry.is_dir():
+                names.append(entry.name)
+        except OSError:  # a link that cannot be followed: not a folder
+            continue
+    return names
 
 
-def _iter_image_files(path: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        yield from (Path(dirpath) / name for name in sorted(filenames) if _is_image_file(name))
+_EXAMPLES = 3  # paths quoted per kind in the walk warning
 
 
-def _image_files_under(path: Path) -> list[Path]:
-    return list(_iter_image_files(path))
+@dataclass
+class WalkReport:
+    """What a folder walk skipped, by kind (paths)."""
+
+    repeated_dirs: list[str] = field(default_factory=list)  # "link -> the directory it repeats"
+    dangling: list[str] = field(default_factory=list)  # links (named like images) to nothing
+    special: list[str] = field(default_factory=list)  # FIFOs, sockets, devices named like images
+
+    @property
+    def skipped(self) -> int:
+        return len(self.repeated_dirs) + len(self.dangling) + len(self.special)
+
+    def warn(self, where: str) -> None:
+        """One warning listing every kind that was skipped (nothing when nothing was)."""
+        parts = []
+        for items, what in (
+            (self.repeated_dirs, "link(s) to a directory already listed (a symlink loop or a second link to it), "
+                                 "not followed"),
+            (self.dangling, "dangling link(s)"),
+            (self.special, "FIFO(s), socket(s) or device(s) named like images, never opened"),
+        ):
+            if items:
+                shown = ", ".join(items[:_EXAMPLES]) + (" ..." if len(items) > _EXAMPLES else "")
+                parts.append(f"{len(items)} {what}: {shown}")
+        if parts:
+            log.warning("%s: skipped %s", where, "; ".join(parts))
+
+
+class FolderWalker:
+    """Lists image files under folders, following links but never entering a directory twice.
+
+    Directories are identified by (st_dev, st_ino) of their target; `mark` pre-registers folders (the
+    root, split and class folders) that a link inside a class folder must not lead back into. Only
+    links are stat'ed beyond what `os.scandir` already knows, so a walk costs no syscall per file."""
+
+    def __init__(self) -> None:
+        self.visited: dict[tuple[int, int], str] = {}
+        self.report = WalkReport()
+
+    def mark(self, path: Path) -> None:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return
+        if info.st_ino:  # some filesystems report no inode numbers: nothing to track there
+            self.visited.setdefault((info.st_dev, info.st_ino), str(path))
+
+    def _kind(self, entry: os.DirEntry) -> tuple[str, tuple[int, int] | None]:
+        """("dir", identity) / ("file", None) / ("special", None) / ("dangling", None), following links."""
+        try:
+            if not entry.is_symlink():
+                if entry.is_dir(follow_symlinks=False):
+                    info = entry.stat(follow_symlinks=False)
+                    return "dir", (info.st_dev, info.st_ino)
+                return ("file" if entry.is_file(follow_symlinks=False) else "special"), None
+            info = retry_os_errors(lambda: os.stat(entry.path), what=f"following link {entry.path!r}")
+        except OSError as error:
+            if error.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                return "dangling", None
+            raise UserError(f"cannot read {entry.path!r}: {_describe_os_error(error)}") from None
+        if stat.S_ISDIR(info.st_mode):
+            return "dir", (info.st_dev, info.st_ino)
+        return ("file" if stat.S_ISREG(info.st_mode) else "special"), None
+
+    def images(self, path: Path, *, recursive: bool = True) -> Iterator[Path]:
+        """Image files under `path`: its own files in name order, then each subfolder's (depth first)."""
+        subdirs = []
+        for entry in _list_dir(path):
+            if entry.name.startswith("."):
+                continue
+            kind, identity = self._kind(entry)
+            if kind == "dir":
+                if recursive:
+                    subdirs.append((entry.path, identity))
+            elif _is_image_file(entry.name):
+                if kind == "file":
+                    yield Path(entry.path)
+                else:
+                    (self.report.dangling if kind == "dangling" else self.report.special).append(entry.path)
+        for subdir, identity in subdirs:
+            if identity is not None and identity[1]:
+                if identity in self.visited:
+                    self.report.repeated_dirs.append(f"{subdir} -> {self.visited[identity]}")
+                    continue
+                self.visited[identity] = subdir
+            yield from self.images(Path(subdir))
 
 
 def is_image_folder(path: Path) -> bool:
-    return path.is_dir() and next(_iter_image_files(path), None) is not None
+    return path.is_dir() and next(FolderWalker().images(path), None) is not None
 
 
 class ImageFolderSource(Source):
@@ -368,22 +541,35 @@ class ImageFolderSource(Source):
     def split_names(self) -> list[str]:
         return list(self._top) if self._split_layout else ["all"]
 
+    def _walker(self) -> FolderWalker:
+        """A walker that will not re-enter the root, a split folder or a class folder through a link
+        (``Forest/loop -> ..`` would list every class again, labelled Forest)."""
+        walker = FolderWalker()
+        walker.mark(self.root)
+        for base in [self.root / name for name in self._top] if self._split_layout else [self.root]:
+            walker.mark(base)
+            for name in _subdirs(base):
+                walker.mark(base / name)
+        return walker
+
     def read(self, split: str) -> SourceSplit:
         base = self.root / split if self._split_layout else self.root
         class_dirs = _subdirs(base)
+        walker = self._walker()
         files: list[Path] = []
         raw_labels: list[str | None] = []
         if class_dirs:
-            loose = [name for name in os.listdir(base) if _is_image_file(name)]
+            loose = [entry.name for entry in _list_dir(base) if _is_image_file(entry.name)]
             if loose:
                 log.warning("%s: %d image files beside the class folders are ignored", base, len(loose))
             for class_dir in class_dirs:
-                found = _image_files_under(base / class_dir)
+                found = list(walker.images(base / class_dir))
                 files.extend(found)
                 raw_labels.extend([class_dir] * len(found))
         else:
-            files = sorted(base / name for name in os.listdir(base) if _is_image_file(name))
+            files = list(walker.images(base, recursive=False))
             raw_labels = [None] * len(files)
+        walker.report.warn(f"{self.description} split {split!r}")
         if not files:
             raise UserError(f"{self.description}: no image files found under {str(base)!r}")
         if self.classes is not None:
@@ -668,12 +854,37 @@ class HFDiskSource(Source):
         )
 
 
+# Hub copies known to load without a loading script, by the id of one that holds a script (REFERENCE.md 4).
+SCRIPT_FREE_COPIES = {"tanganke/eurosat": "timm/eurosat-rgb"}
+PARQUET_REVISION = "refs/convert/parquet"  # the hub's automatic parquet export of a dataset repository
+_LOADING_SCRIPT = re.compile(r"[Dd]ataset scripts are no longer supported, but found (\S+)")
+# Names (anywhere in an error's cause chain) of the exceptions that mean "the hub could not be reached".
+_CONNECTION_ERRORS = frozenset({
+    "ConnectionError", "ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException", "TimeoutError",
+    "OfflineModeIsEnabled", "gaierror", "NewConnectionError", "MaxRetryError", "ProxyError", "SSLError",
+})
+
+
+def _is_connection_problem(error: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (ConnectionError, TimeoutError)) or type(current).__name__ in _CONNECTION_ERRORS:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 class HubSource(Source):
     """A dataset on the Hugging Face hub, read with `datasets.load_dataset` (cached by `datasets`).
 
     When the hub cannot be reached (checked with a short TCP probe so nothing hangs on retries) the load
     runs in offline mode, which still finds a copy in the local `datasets` cache; with no cached copy it
-    fails with a UserError that says what to pass instead."""
+    fails with a UserError that says what to pass instead. Any other failure is reported with its real
+    cause (a repository that still holds a loading script, an unknown split, a missing column, ...).
+
+    revision: a branch, tag or commit of the hub repository (e.g. ``refs/convert/parquet``)."""
 
     def __init__(
         self,
@@ -686,11 +897,12 @@ class HubSource(Source):
         label_column: str | None,
         classes: ClassSpace | None,
         gated: bool = False,
+        revision: str | None = None,
     ) -> None:
-        self.dataset, self.hf_id, self.hf_config = dataset, hf_id, hf_config
+        self.dataset, self.hf_id, self.hf_config, self.revision = dataset, hf_id, hf_config, revision
         self._split_names = [name for name in split_names if name]
         self.image_column, self.label_column, self.classes, self.gated = image_column, label_column, classes, gated
-        self.description = f"Hugging Face hub dataset {hf_id!r}"
+        self.description = f"Hugging Face hub dataset {hf_id!r}" + (f" (revision {revision!r})" if revision else "")
 
     def split_names(self) -> list[str]:
         return list(self._split_names)
@@ -714,26 +926,53 @@ class HubSource(Source):
         offline = hub_offline() or not hub_reachable()
         try:
             with forced_offline(offline):
-                return datasets.load_dataset(self.hf_id, self.hf_config, split=split)
+                return datasets.load_dataset(self.hf_id, self.hf_config, split=split, revision=self.revision)
         except Exception as error:  # third-party boundary: any failure becomes an actionable UserError
             raise UserError(self._explain(split, error, offline)) from error
 
     def _explain(self, split: str, error: Exception, offline: bool) -> str:
         name = f"{self.hf_id!r}" + (f" (config {self.hf_config!r})" if self.hf_config else "")
-        why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".strip()
-        if offline:
-            why += " [the hub is unreachable or HF_HUB_OFFLINE is set, and no cached copy was found]"
-        gated = (
-            f" {self.hf_id!r} is gated: accept its terms on huggingface.co and log in "
-            "(`huggingface-cli login` or HF_TOKEN) before downloading."
-            if self.gated
-            else ""
-        )
+        name += f" at revision {self.revision!r}" if self.revision else ""
+        text = str(error).strip()
+        why = f"{type(error).__name__}: {' '.join(text.splitlines()[:3])}" if text else type(error).__name__
+        local = ("--data-dir (data.data_dir), pointing at a local image folder (root/<class>/<image> or "
+                 "root/<split>/<class>/<image>) or at a directory written by datasets' save_to_disk")
+        script = _LOADING_SCRIPT.search(text)
+        if script:
+            choices = []
+            if self.revision != PARQUET_REVISION:
+                choices.append(
+                    f"the hub's parquet export of the same repository, --set data.hf_revision={PARQUET_REVISION}"
+                )
+            if self.hf_id in SCRIPT_FREE_COPIES:
+                choices.append(f"another hub copy without a script, --set data.hf_id={SCRIPT_FREE_COPIES[self.hf_id]}")
+            choices.append(f"a local copy with {local}")
+            return (
+                f"the Hugging Face hub repository {name} of dataset {self.dataset!r} still holds a loading script "
+                f"({script.group(1)}), which the installed datasets library (>= 4) refuses to run. Pass instead: "
+                + "; or ".join(choices) + "."
+            )
+        if offline or _is_connection_problem(error):
+            why += " [the hub is unreachable or HF_HUB_OFFLINE is set, and no cached copy was found]" if offline else ""
+            gated = (
+                f" {self.hf_id!r} is gated: accept its terms on huggingface.co and log in "
+                "(`huggingface-cli login` or HF_TOKEN) before downloading."
+                if self.gated
+                else ""
+            )
+            return (
+                f"could not download dataset {self.dataset!r} (split {split!r}) from the Hugging Face hub "
+                f"{name}: {why}.{gated} Pass {local} instead."
+            )
+        hint = ""
+        if type(error).__name__ == "DatasetNotFoundError":
+            hint = (" Check the id (--set data.hf_id=...)" + (", accept the dataset's terms on huggingface.co and log "
+                    "in (`huggingface-cli login` or HF_TOKEN)" if self.gated else "") + ".")
+        elif "split" in text.lower():
+            hint = f" Its splits differ from what was asked ({split!r}): set data.train_split / data.test_split."
         return (
-            f"could not download dataset {self.dataset!r} (split {split!r}) from the Hugging Face hub "
-            f"{name}: {why}.{gated} Pass --data-dir (data.data_dir) instead, pointing at a local image folder "
-            "(root/<class>/<image> or root/<split>/<class>/<image>) or at a directory written by "
-            "datasets' save_to_disk."
+            f"loading dataset {self.dataset!r} (split {split!r}) from the Hugging Face hub {name} failed: {why}."
+            f"{hint} Or pass {local}."
         )
 
 

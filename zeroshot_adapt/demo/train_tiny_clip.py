@@ -40,6 +40,7 @@ from zeroshot_adapt.demo.tiny_clip import (
     digits_split,
     register_tiny_clip,
 )
+from zeroshot_adapt.fileio import atomic_write_bytes, atomic_write_text
 from zeroshot_adapt.reports.metrics import class_imbalance_ratio
 from zeroshot_adapt.teacher.classifier import zeroshot_classifier, zeroshot_logits
 from zeroshot_adapt.teacher.clip import file_sha256
@@ -198,13 +199,9 @@ def fp16_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(model: torch.nn.Module, path: Path) -> str:
     """Write fp16 safetensors atomically; return the file's sha256."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(fp16_state_dict(model), str(tmp), metadata={"model": TINY_CLIP_MODEL, "format": "open_clip"})
-    tmp.chmod(0o644)  # safetensors writes owner-only; the file ships inside the package
-    tmp.replace(path)
+    atomic_write_bytes(path, save(fp16_state_dict(model), metadata={"model": TINY_CLIP_MODEL, "format": "open_clip"}))
     return sha256_of(path)
 
 
@@ -336,9 +333,7 @@ def build_and_report(config: TinyClipTrainConfig, out: Path, *, mnist_dir: Path 
         "note": "Trained on rendered font digits only; target accuracies are a report, not used for selection.",
     }
     meta_path = out.with_name(out.name.removesuffix(".safetensors") + ".meta.json")
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(meta_path)
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     return meta
 
 

@@ -132,14 +132,17 @@ class LoadReport:
     dropped_head: list[str] = field(default_factory=list)  # checkpoint classifier keys not loaded
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a weights file (.safetensors, or a torch file read with weights_only=True: a file
+    holding other objects is refused unread); a UserError names a missing, damaged or unsafe file."""
+    path = Path(path)
     if not path.is_file():
         raise UserError(f"student checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickles with arbitrary objects, corrupt files
         raise UserError(f"could not read student checkpoint {str(path)!r}: {error}") from None
@@ -239,7 +242,7 @@ def load_state_dict_into(model: nn.Module, state: Mapping[str, Tensor], source: 
 def load_checkpoint(model: nn.Module, path: str | Path) -> LoadReport:
     """Load a local checkpoint file into `model` (see :func:`load_state_dict_into`)."""
     path = Path(path).expanduser()
-    return load_state_dict_into(model, _read_state_dict(path), source=str(path))
+    return load_state_dict_into(model, read_state_dict(path), source=str(path))
 
 
 # --- EMAN teacher -------------------------------------------------------------------------------------

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from zeroshot_adapt.errors import UserError
 from zeroshot_adapt.resources import prompts_dir
+
+log = logging.getLogger(__name__)
 
 OPEN_CLIP_PREFIX = "open_clip:"
 
@@ -36,6 +40,14 @@ class PromptSet:
         """sha256 over the class names and templates: part of the prediction cache identity."""
         payload = json.dumps({"classes": self.classes, "templates": self.templates}, ensure_ascii=False)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+    def reordered(self, order: Sequence[int]) -> PromptSet:
+        """The same prompts with class i = this set's class order[i]."""
+        return replace(
+            self,
+            classes=tuple(self.classes[j] for j in order),
+            folder_names=None if self.folder_names is None else tuple(self.folder_names[j] for j in order),
+        )
 
 
 def _resolve_open_clip(value: Any, field_name: str, source: str) -> Any:
@@ -103,3 +115,63 @@ def custom_prompts(classes: Sequence[str], templates: Sequence[str], provenance:
         templates=tuple(_as_template(t, "custom prompts") for t in templates),
         provenance=provenance,
     )
+
+
+def align_prompts(
+    prompts: PromptSet,
+    class_names: Sequence[str],
+    folder_names: Sequence[str] | None = None,
+    *,
+    dataset: str,
+) -> PromptSet:
+    """`prompts` with its classes in the dataset's label order, matched BY NAME, never by position.
+
+    class_names / folder_names: the dataset's classes in label order (and their folder / raw names, if
+    any). A prompt class matches a dataset class when one of the prompt file's names for it (its class
+    name or its `folder_names` entry) equals one of the dataset's names for it, compared case-, space-
+    and underscore-insensitively (data.sources.normalize_name); repeated names pair up in order. The same
+    classes in another order are re-mapped (and logged); any unmatched name is a UserError listing both
+    sides, since CLIP label i must mean the dataset's class i.
+    """
+    from zeroshot_adapt.data.sources import normalize_name
+
+    where = prompts.source or "the prompt file"
+    candidates: dict[str, list[int]] = defaultdict(list)  # normalized name -> prompt classes, in file order
+    for names in (prompts.classes, prompts.folder_names or ()):
+        for j, name in enumerate(names):
+            if j not in candidates[normalize_name(name)]:
+                candidates[normalize_name(name)].append(j)
+    order: list[int] = []
+    used: set[int] = set()
+    unmatched: list[str] = []
+    for i, name in enumerate(class_names):
+        aliases = [name] + ([folder_names[i]] if folder_names is not None else [])
+        found = next((j for alias in aliases for j in candidates.get(normalize_name(alias), []) if j not in used), None)
+        if found is None:
+            unmatched.append(name)
+        else:
+            order.append(found)
+            used.add(found)
+    if unmatched or len(prompts.classes) != len(class_names):
+        extra = [prompts.classes[j] for j in range(len(prompts.classes)) if j not in used]
+        raise UserError(
+            f"the classes of prompt file {where!r} ({len(prompts.classes)}) do not match those of dataset "
+            f"{dataset!r} ({len(class_names)}); classes are matched by name, never by position. "
+            f"Only in the prompt file: {_listing(extra)}. Only in the dataset: {_listing(unmatched)}. "
+            "Rename them, or add a \"folder_names\" list to the prompt file giving the dataset's name of each class"
+        )
+    if order != list(range(len(order))):
+        first = next(i for i, j in enumerate(order) if i != j)
+        log.warning(
+            "prompt file %s lists the classes of dataset %s in another order: %d classes re-mapped by name to the "
+            "dataset's label order (e.g. dataset class %d %r is class %d of the file)",
+            where, dataset, sum(i != j for i, j in enumerate(order)), first, class_names[first], order[first],
+        )
+        return prompts.reordered(order)
+    return prompts
+
+
+def _listing(names: Sequence[str], limit: int = 10) -> str:
+    if not names:
+        return "none"
+    return ", ".join(map(repr, names[:limit])) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
