@@ -80,7 +80,17 @@ class CountingCompute:
 
 
 def tree_bytes(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    """Every file of a cache but build.json (when and how it was built)."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != "build.json"
+    }
+
+
+def entries(root: Path) -> list[str]:
+    """The names under a cache root, lock files aside."""
+    return sorted(p.name for p in root.iterdir() if p.name != cache_module.LOCKS_DIR)
 
 
 def build(root: Path, compute=deterministic_compute, *, keys=None, identity=IDENTITY, **kwargs) -> PredictionCache:
@@ -100,7 +110,7 @@ def reference(tmp_path_factory) -> dict[str, bytes]:
 
 def assert_equals_reference(root: Path, reference: dict[str, bytes]) -> None:
     final = cache_directory(root, IDENTITY)
-    assert sorted(p.name for p in root.iterdir()) == [final.name], "leftover build files next to the cache"
+    assert entries(root) == [final.name], "leftover build files next to the cache"
     produced = tree_bytes(final)
     assert sorted(produced) == sorted(reference)
     for name, data in reference.items():
@@ -209,22 +219,24 @@ def test_resume_after_kill_mid_shard_write(tmp_path, reference, monkeypatch):
     assert_equals_reference(tmp_path, reference)
 
 
-@pytest.mark.parametrize("shards_copied", [0, 2, NUM_SHARDS - 1])
-def test_resume_after_kill_mid_merge(tmp_path, reference, monkeypatch, shards_copied):
-    real_copy = cache_module._copy_shard_into
-    copies = []
+@pytest.mark.parametrize("shards_read", [0, 2, NUM_SHARDS - 1])
+def test_resume_after_kill_mid_merge(tmp_path, reference, monkeypatch, shards_read):
+    real_shard = cache_module._ShardRows.shard
+    reads = []
 
-    def dies_midway(*args, **kwargs):
-        if len(copies) == shards_copied:
+    def dies_midway(self, index):
+        if len(reads) == shards_read:
             raise Killed("killed mid-merge")
-        copies.append(args[0])
-        real_copy(*args, **kwargs)
+        reads.append(index)
+        return real_shard(self, index)
 
-    monkeypatch.setattr(cache_module, "_copy_shard_into", dies_midway)
+    monkeypatch.setattr(cache_module._ShardRows, "shard", dies_midway)
     with pytest.raises(Killed):
         build(tmp_path)
-    monkeypatch.setattr(cache_module, "_copy_shard_into", real_copy)
+    monkeypatch.setattr(cache_module._ShardRows, "shard", real_shard)
     assert not cache_directory(tmp_path, IDENTITY).exists(), "a half-merged cache must never be visible"
+    partial = cache_directory(tmp_path, IDENTITY).with_name(cache_directory(tmp_path, IDENTITY).name + ".partial")
+    assert not list(partial.glob("merge-*")), "a failed merge removes its files"
 
     resumed = CountingCompute()
     build(tmp_path, resumed)
@@ -232,12 +244,12 @@ def test_resume_after_kill_mid_merge(tmp_path, reference, monkeypatch, shards_co
     assert_equals_reference(tmp_path, reference)
 
 
-@pytest.mark.parametrize("step", ["_fsync_path", "_remove_build_dir"])
+@pytest.mark.parametrize("step", ["fsync_directory", "_remove_build_dir"])
 def test_resume_after_kill_around_the_final_rename(tmp_path, reference, monkeypatch, step):
     """Killed just before the rename (while syncing the merge dir) or just after it (before cleanup)."""
 
     def dies(path):
-        if step == "_remove_build_dir" or path.name.startswith("merge-"):
+        if step == "_remove_build_dir" or Path(path).name.startswith("merge-"):
             raise Killed(f"killed in {step}")
 
     real = getattr(cache_module, step)

@@ -308,8 +308,15 @@ def _digits_source(classes: ClassSpace | None) -> Source:
     )
 
 
-def open_source(spec: DatasetSpec, data_dir: str | None, classes: ClassSpace | None) -> Source:
-    """The Source that `data_dir` (or the hub, or the bundled digits) describes."""
+def open_source(
+    spec: DatasetSpec, data_dir: str | None, classes: ClassSpace | None, *, fingerprint: str = "stat"
+) -> Source:
+    """The Source that `data_dir` (or the hub, or the bundled digits) describes, making content ids by
+    `fingerprint` ("stat" or "content", see `sources`)."""
+    return _open_source(spec, data_dir, classes).with_fingerprint(fingerprint)
+
+
+def _open_source(spec: DatasetSpec, data_dir: str | None, classes: ClassSpace | None) -> Source:
     if spec.name == "digits":
         if data_dir is not None:
             raise UserError(f"dataset 'digits' is bundled with scikit-learn; do not pass data_dir={data_dir!r}")
@@ -352,6 +359,7 @@ def load_split(
     holdout_fraction: float = 0.2,
     seed: int = 0,
     source_split: str | None = None,
+    fingerprint: str = "stat",
 ) -> SampleTable:
     """Load the "train" or "test" split of a registered dataset as a SampleTable.
 
@@ -360,6 +368,8 @@ def load_split(
     source_split: read this split of the source as-is instead of the spec's default (e.g. "validation").
     holdout_fraction / seed: the stratified holdout used when the source has a single split (0: train and
         test are both the whole split).
+    fingerprint: how per-sample content ids (and so the split's fingerprint) are made: "stat" (size,
+        modification time and inode of each file) or "content" (sha256 of each file's bytes); see `sources`.
     """
     spec = get_spec(dataset)
     if split not in SPLITS and source_split is None:
@@ -369,7 +379,7 @@ def load_split(
     classes = spec.class_space()
     if classes is not None and spec.num_classes is not None and len(classes) != spec.num_classes:
         raise UserError(f"{classes.source} lists {len(classes)} classes; dataset {spec.name!r} has {spec.num_classes}")
-    source = open_source(spec, data_dir, classes)
+    source = open_source(spec, data_dir, classes, fingerprint=fingerprint)
     names = source.split_names()
 
     if source_split is not None:
