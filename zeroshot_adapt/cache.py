@@ -60,6 +60,7 @@ error, not a SIGBUS) and remove their partial files on failure.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -782,7 +783,10 @@ class _NpyWriter:
         return {"bytes": self.path.stat().st_size, CHECKSUM: self._hasher.hexdigest()}
 
     def abort(self) -> None:
-        self._handle.close()
+        """Close without caring for the unwritten buffer (the file is being discarded; a full disk would make
+        the flush fail again)."""
+        with contextlib.suppress(OSError):
+            self._handle.close()
 
 
 def _write_whole_npy(path: Path, array: np.ndarray) -> dict[str, Any]:

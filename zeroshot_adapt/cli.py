@@ -252,8 +252,8 @@ def _cache(args: argparse.Namespace, config) -> int:
         return 0
 
     entries = cache_store.list_caches(root)
-    if args.dataset is not None:
-        entries = [e for e in entries if e.identity.get("dataset") == config.data.dataset]
+    if args.dataset is not None:  # (a cache whose identity.json is unreadable is kept: it may be this one)
+        entries = [e for e in entries if e.identity.get("dataset") in (config.data.dataset, None)]
     if args.list:
         _print_cache_table(root, entries)
     elif args.verify:
