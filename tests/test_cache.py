@@ -1067,3 +1067,57 @@ def test_the_worker_count_is_measured_and_logged_when_not_set(tmp_path, caplog):
     with caplog.at_level("INFO", logger="zeroshot_adapt.teacher.predict"):
         teacher(folder_config(tmp_path, folder, "teacher.num_workers=null"))
     assert "decode+preprocess" in caplog.text and "DataLoader worker(s)" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- content ids
+
+
+def test_hugging_face_rows_get_content_ids_that_see_edits(tmp_path):
+    from datasets import ClassLabel, Dataset, Features, load_from_disk
+    from datasets import Image as ImageFeature
+
+    from zeroshot_adapt.data.sources import hf_split
+
+    folder = write_bmp_folder(tmp_path / "images", per_class=2)
+    paths = sorted(str(p) for p in folder.rglob("*.bmp"))
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=["cat", "dog", "fox"])})
+    on_disk = Dataset.from_dict({"image": paths, "label": [0, 0, 1, 1, 2, 2]}, features=features)
+
+    def split(dataset, mode="stat"):
+        return hf_split(dataset, image_column="image", label_column="label", classes=None, where="t", fingerprint=mode)
+
+    pointing = split(on_disk)  # rows that point at files: stat ids, like an image folder
+    assert pointing.keys == paths and all(c.startswith("stat:") for c in pointing.content_ids)
+    size = Path(paths[3]).stat().st_size
+    tiny_image(99, side=BMP_SIDE).save(paths[3])  # edited in place, same size
+    assert Path(paths[3]).stat().st_size == size
+    edited = split(on_disk)
+    assert [a != b for a, b in zip(pointing.content_ids, edited.content_ids, strict=True)] == [0, 0, 0, 1, 0, 0]
+
+    on_disk.save_to_disk(str(tmp_path / "saved"))  # the bytes move into an Arrow file
+    saved = split(load_from_disk(str(tmp_path / "saved")))
+    assert all(c.startswith("arrow:") for c in saved.content_ids)
+    by_content = split(load_from_disk(str(tmp_path / "saved")), "content")
+    assert by_content.content_ids == split(on_disk, "content").content_ids  # the same bytes, wherever they live
+    assert len(set(by_content.content_ids)) == 6
+
+
+def test_the_fingerprint_setting_is_checked():
+    from zeroshot_adapt.config import CONSTRAINTS
+    from zeroshot_adapt.data.sources import FINGERPRINT_MODES
+
+    assert CONSTRAINTS["data.fingerprint"].choices == FINGERPRINT_MODES
+    from zeroshot_adapt import pipeline
+
+    with pytest.raises(UserError, match=r"data.fingerprint='mtime' must be one of stat, content"):
+        pipeline.resolve_config("digits", overrides=["data.fingerprint=mtime"])
+
+
+def test_a_key_the_cache_should_hold_but_cannot_find_is_reported_as_damage(tmp_path):
+    from zeroshot_adapt import pipeline
+
+    folder = write_bmp_folder(tmp_path / "images")
+    directory = teacher(folder_config(tmp_path, folder)).cache.directory
+    flip_byte(directory / "keys_blob.npy", -1)  # same size: the open check passes, the last key no longer matches
+    with pytest.raises(CacheDamagedError, match=r"\(key index: .*fox/fox_3.bmp"):
+        pipeline.teacher_predictions(folder_config(tmp_path, folder), "train", progress=False)
