@@ -1,11 +1,15 @@
 """Benchmark the prediction cache at ImageNet scale: build, open, random-key lookup, peak memory.
 
-Builds a synthetic cache (default: 1,281,167 samples x 1000 fp16 logits + 1024-d fp16 features +
-float32 confidence + int64 prediction, about 5.2 GB; the build needs about twice that on disk while
-shards and the merged files coexist), then measures in fresh processes, with the cache files evicted
-from the OS page cache first (posix_fadvise DONTNEED) so the reads are cold:
+Builds a synthetic cache shaped like the teacher's (default: 1,281,167 samples x 1000 fp16 logits +
+1024-d fp16 features + float32 confidence + int64 prediction + uint8 valid, and a [1000, 1024] float32
+text-classifier attachment; about 5.2 GB; the build needs about twice that on disk while shards and the
+merged files coexist), then measures in fresh processes, with the cache files evicted from the OS page
+cache first (posix_fadvise DONTNEED) so the reads are cold:
 
-- ``PredictionCache``: open (memory-mapped), look up 65,536 random keys, read their logit rows;
+- ``PredictionCache``: open (memory-mapped; the open checks every file's size, dtype and shape and the
+  checksums of the small per-sample fields and the attachments), look up 65,536 random keys, read their
+  logit rows, then the first full read of the logits (``verified``: a checksum of the whole file) and a
+  full ``verify()`` of every file;
 - baseline, same run: ``np.load`` of the logits into RAM plus a Python ``{key: row}`` dict, the usual
   alternative; the ratios compare the two.
 
@@ -16,8 +20,10 @@ and the peak (VmHWM). ``resource.getrusage`` is not used: Linux carries ru_maxrs
 a child of the process that just wrote 5 GB would report the parent's peak.
 
 Writes ``benchmarks/results/cache_lookup.json`` (``--out`` elsewhere for trial runs) and prints a table.
-The cache is deleted afterwards unless ``--keep``. Small run:
-``python benchmarks/cache_lookup.py --samples 20000 --classes 100 --dim 64 --out /tmp/cache_lookup.json``.
+The cache is deleted afterwards unless ``--keep``. Small run: ``python benchmarks/cache_lookup.py --quick``
+(20,000 samples x 100 classes, 64-d features, results in /tmp). The open cost does not depend on the
+width of the large fields, so ``--samples 1281167 --classes 10 --dim 8`` measures the ImageNet-size open
+on a small disk budget (its attachment is small: a [1000, 1024] float32 one adds 4 MB to checksum).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ import numpy as np
 from zeroshot_adapt.cache import PredictionCache, build_cache, cache_directory
 
 IMAGENET_TRAIN_SAMPLES = 1_281_167
+INVALID_FRACTION = 1e-4  # share of synthetic samples marked undecodable (valid = 0)
+QUICK = {"samples": 20_000, "classes": 100, "dim": 64}
 DISK_HEADROOM = 1.1  # free space wanted beyond the estimated peak use
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "cache_lookup.json"
 
@@ -103,7 +111,7 @@ def evict_from_page_cache(directory: Path) -> None:
 
 
 def estimated_cache_bytes(samples: int, classes: int, dim: int) -> int:
-    per_sample = 2 * classes + 2 * dim + 4 + 8 + 8 + 8 + 8 + 25  # fields, index, offsets, key bytes
+    per_sample = 2 * classes + 2 * dim + 4 + 8 + 1 + 8 + 8 + 8 + 16 + 25  # fields, index, content, key bytes
     return samples * per_sample
 
 
@@ -124,6 +132,7 @@ def build(args: argparse.Namespace, root: Path) -> dict:
             "features": features.astype(np.float16),
             "confidence": rng.random(len(indices), dtype=np.float32),
             "prediction": logits.argmax(axis=1).astype(np.int64),
+            "valid": (rng.random(len(indices)) > INVALID_FRACTION).astype(np.uint8),
         }
         timings["last_compute_end"] = time.perf_counter()
         timings["compute_s"] += timings["last_compute_end"] - start
@@ -134,7 +143,12 @@ def build(args: argparse.Namespace, root: Path) -> dict:
     keys_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    cache = build_cache(root, identity_for(args), keys, compute, shard_size=args.shard_size, progress=True)
+    attachments = {
+        "text_classifier": np.random.default_rng(rng_seed).standard_normal((args.classes, args.dim), dtype=np.float32),
+        "logit_scale": np.float32(100.0),
+    }
+    cache = build_cache(root, identity_for(args), keys, compute, shard_size=args.shard_size, progress=True,
+                        attachments=attachments)
     end = time.perf_counter()
     built = timings["compute_s"] > 0
     files = {str(p.relative_to(cache.directory)): p.stat().st_size for p in sorted(cache.directory.rglob("*.npy"))}
@@ -180,11 +194,21 @@ def measure_cache(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     cache.lookup(query)
     lookup_warm_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    cache.verified("logits")
+    first_full_read_check_logits_s = time.perf_counter() - start
+    start = time.perf_counter()
+    cache.verify()
+    verify_rest_s = time.perf_counter() - start
     return {
         "open_s": open_s,
         "lookup_s": lookup_s,
         "get_logits_s": get_logits_s,
         "lookup_warm_s": lookup_warm_s,
+        "checksum_logits_s": first_full_read_check_logits_s,
+        "verify_remaining_files_s": verify_rest_s,
+        "checked_at_open": cache.meta["checked_at_open"],
         "logits_read_shape": list(logits.shape),
         **memory_report(memory_start, memory_open),
     }
@@ -253,8 +277,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dir", type=Path, default=None, help="cache root (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the cache afterwards")
     parser.add_argument("--out", type=Path, default=RESULTS_PATH)
+    parser.add_argument("--quick", action="store_true", help="small run: 20,000 x 100 classes x 64-d, results in /tmp")
     parser.add_argument("--measure", choices=["cache", "eager"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
+        if args.out == RESULTS_PATH:
+            args.out = Path(tempfile.gettempdir()) / "cache_lookup_quick.json"
     args.lookups = min(args.lookups, args.samples)
     return args
 
@@ -332,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for label, name, scale, fmt in rows:
         print(f"{label:28s}{fmt.format(cache[name] / scale):>18s}{fmt.format(eager[name] / scale):>18s}")
+    print(f"first full read of the logits: checksum {cache['checksum_logits_s']:.3f} s; verify() of the other "
+          f"files {cache['verify_remaining_files_s']:.3f} s")
+    print(f"checked at every open: {', '.join(cache['checked_at_open'])}")
     print(f"results: {args.out}")
     return 0
 

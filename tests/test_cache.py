@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import multiprocessing
 import os
+import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_image
 
 from zeroshot_adapt import cache as cache_module
 from zeroshot_adapt.cache import (
+    CacheDamagedError,
+    CacheInUseError,
     CacheMiss,
     PredictionCache,
     build_cache,
     cache_directory,
     cache_identity_digest,
 )
+from zeroshot_adapt.errors import UserError
+from zeroshot_adapt.fileio import DiskFullError
 
 NUM_CLASSES = 5
 FEATURE_DIM = 3
@@ -80,7 +90,17 @@ class CountingCompute:
 
 
 def tree_bytes(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    """Every file of a cache but build.json (when and how it was built)."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != "build.json"
+    }
+
+
+def entries(root: Path) -> list[str]:
+    """The names under a cache root, lock files aside."""
+    return sorted(p.name for p in root.iterdir() if p.name != cache_module.LOCKS_DIR)
 
 
 def build(root: Path, compute=deterministic_compute, *, keys=None, identity=IDENTITY, **kwargs) -> PredictionCache:
@@ -100,7 +120,7 @@ def reference(tmp_path_factory) -> dict[str, bytes]:
 
 def assert_equals_reference(root: Path, reference: dict[str, bytes]) -> None:
     final = cache_directory(root, IDENTITY)
-    assert sorted(p.name for p in root.iterdir()) == [final.name], "leftover build files next to the cache"
+    assert entries(root) == [final.name], "leftover build files next to the cache"
     produced = tree_bytes(final)
     assert sorted(produced) == sorted(reference)
     for name, data in reference.items():
@@ -209,22 +229,24 @@ def test_resume_after_kill_mid_shard_write(tmp_path, reference, monkeypatch):
     assert_equals_reference(tmp_path, reference)
 
 
-@pytest.mark.parametrize("shards_copied", [0, 2, NUM_SHARDS - 1])
-def test_resume_after_kill_mid_merge(tmp_path, reference, monkeypatch, shards_copied):
-    real_copy = cache_module._copy_shard_into
-    copies = []
+@pytest.mark.parametrize("shards_read", [0, 2, NUM_SHARDS - 1])
+def test_resume_after_kill_mid_merge(tmp_path, reference, monkeypatch, shards_read):
+    real_shard = cache_module._ShardRows.shard
+    reads = []
 
-    def dies_midway(*args, **kwargs):
-        if len(copies) == shards_copied:
+    def dies_midway(self, index):
+        if len(reads) == shards_read:
             raise Killed("killed mid-merge")
-        copies.append(args[0])
-        real_copy(*args, **kwargs)
+        reads.append(index)
+        return real_shard(self, index)
 
-    monkeypatch.setattr(cache_module, "_copy_shard_into", dies_midway)
+    monkeypatch.setattr(cache_module._ShardRows, "shard", dies_midway)
     with pytest.raises(Killed):
         build(tmp_path)
-    monkeypatch.setattr(cache_module, "_copy_shard_into", real_copy)
+    monkeypatch.setattr(cache_module._ShardRows, "shard", real_shard)
     assert not cache_directory(tmp_path, IDENTITY).exists(), "a half-merged cache must never be visible"
+    partial = cache_directory(tmp_path, IDENTITY).with_name(cache_directory(tmp_path, IDENTITY).name + ".partial")
+    assert not list(partial.glob("merge-*")), "a failed merge removes its files"
 
     resumed = CountingCompute()
     build(tmp_path, resumed)
@@ -232,12 +254,12 @@ def test_resume_after_kill_mid_merge(tmp_path, reference, monkeypatch, shards_co
     assert_equals_reference(tmp_path, reference)
 
 
-@pytest.mark.parametrize("step", ["_fsync_path", "_remove_build_dir"])
+@pytest.mark.parametrize("step", ["fsync_directory", "_remove_build_dir"])
 def test_resume_after_kill_around_the_final_rename(tmp_path, reference, monkeypatch, step):
     """Killed just before the rename (while syncing the merge dir) or just after it (before cleanup)."""
 
     def dies(path):
-        if step == "_remove_build_dir" or path.name.startswith("merge-"):
+        if step == "_remove_build_dir" or Path(path).name.startswith("merge-"):
             raise Killed(f"killed in {step}")
 
     real = getattr(cache_module, step)
@@ -464,3 +486,638 @@ def test_attachments_must_be_numeric_and_well_named(tmp_path):
         build(tmp_path / "a", attachments={"bad name": np.zeros(2)})
     with pytest.raises(TypeError, match="only numeric"):
         build(tmp_path / "b", attachments={"names": np.array(["a", "b"])})
+
+
+# ---------------------------------------------------------------------------------------------- per-sample reuse
+
+FAMILY = {k: IDENTITY[k] for k in ("model", "pretrained", "templates", "class_names", "preprocess")}
+
+
+def version_of(keys: list[str], content: dict[str, str] | None = None) -> dict:
+    """The identity of one version of a sample list (the family plus a fingerprint of keys + content ids)."""
+    content = content or {}
+    return {**IDENTITY, "dataset_fingerprint": "|".join(f"{k}={content.get(k, '')}" for k in keys)}
+
+
+def keyed_compute(keys: list[str], content: dict[str, str] | None = None, seen: list | None = None):
+    """A fake teacher whose rows depend only on (key, content id), like a real one; records what it computes."""
+    content = content or {}
+
+    def compute(indices: np.ndarray) -> dict[str, np.ndarray]:
+        if seen is not None:
+            seen.extend(keys[i] for i in indices)
+        seeds = np.array([int.from_bytes(hashlib.sha256(f"{keys[i]}|{content.get(keys[i], '')}".encode()).digest()[:4],
+                                         "little") for i in indices], dtype=np.float64)
+        logits = np.sin(seeds[:, None] * 1e-6 + np.arange(NUM_CLASSES))
+        return {"logits": logits.astype(np.float16), "prediction": logits.argmax(1).astype(np.int64),
+                "valid": np.ones(len(indices), np.uint8)}
+
+    return compute
+
+
+def build_version(root: Path, keys: list[str], content: dict[str, str] | None = None, seen=None, **kwargs):
+    content = content or {}
+    kwargs.setdefault("shard_size", SHARD_SIZE)
+    return build_cache(root, version_of(keys, content), keys, keyed_compute(keys, content, seen), family=FAMILY,
+                       content_ids=[content.get(k, "") for k in keys], progress=False, **kwargs)
+
+
+def test_a_new_sample_is_the_only_one_computed_and_the_result_equals_a_full_build(tmp_path):
+    keys = make_keys(NUM_SAMPLES)
+    build_version(tmp_path / "cache", keys)
+    grown = [*keys[:10], "Class3/new.jpg", *keys[10:]]
+    seen: list[str] = []
+    cache = build_version(tmp_path / "cache", grown, seen=seen)
+    assert seen == ["Class3/new.jpg"]
+    build_info = json.loads((cache.directory / "build.json").read_text())
+    assert build_info["computed_samples"] == 1 and build_info["reused_samples"] == NUM_SAMPLES
+    full = build_version(tmp_path / "full", grown)
+    assert tree_bytes(cache.directory) == tree_bytes(full.directory), "reuse must give a full build's bytes"
+
+
+def test_a_removed_sample_computes_nothing(tmp_path):
+    keys = make_keys(NUM_SAMPLES)
+    build_version(tmp_path, keys)
+    seen: list[str] = []
+    fewer = keys[:5] + keys[6:]
+    cache = build_version(tmp_path, fewer, seen=seen)
+    assert seen == []
+    np.testing.assert_array_equal(cache.get(fewer)["logits"], keyed_compute(fewer)(np.arange(len(fewer)))["logits"])
+
+
+def test_a_changed_content_id_is_computed_again(tmp_path):
+    keys = make_keys(NUM_SAMPLES)
+    build_version(tmp_path, keys, {k: "v1" for k in keys})
+    changed = {k: "v1" for k in keys} | {keys[3]: "v2", keys[17]: "v2"}
+    seen: list[str] = []
+    cache = build_version(tmp_path, keys, changed, seen=seen)
+    assert seen == [keys[3], keys[17]]
+    expected = keyed_compute(keys, changed)(np.arange(NUM_SAMPLES))["logits"]
+    np.testing.assert_array_equal(cache.arrays["logits"], expected)
+
+
+def test_no_reuse_across_families_or_when_asked_not_to(tmp_path):
+    keys = make_keys(NUM_SAMPLES)
+    build_version(tmp_path, keys)
+    other_family = {**FAMILY, "model": "ViT-L-14"}
+    seen: list[str] = []
+    build_cache(tmp_path, {**version_of(keys), "model": "ViT-L-14"}, keys, keyed_compute(keys, seen=seen),
+                family=other_family, shard_size=SHARD_SIZE, progress=False)
+    assert len(seen) == NUM_SAMPLES
+    seen.clear()
+    build_version(tmp_path, keys[1:], seen=seen, reuse=False)
+    assert len(seen) == NUM_SAMPLES - 1
+
+
+def test_rows_failing_the_retry_field_are_computed_again(tmp_path):
+    keys = make_keys(NUM_SAMPLES)
+
+    def first_time(indices):
+        out = keyed_compute(keys)(indices)
+        out["valid"][np.isin(indices, [2, 9])] = 0  # e.g. two images that could not be read
+        return out
+
+    build_cache(tmp_path, version_of(keys), keys, first_time, family=FAMILY, shard_size=SHARD_SIZE, progress=False)
+    seen: list[str] = []
+    build_version(tmp_path, keys[:-1], seen=seen, retry_field="valid")
+    assert seen == [keys[2], keys[9]]
+
+
+def test_a_damaged_cache_lends_nothing(tmp_path, caplog):
+    keys = make_keys(NUM_SAMPLES)
+    old = build_version(tmp_path, keys)
+    flip_byte(old.directory / "fields" / "logits.npy", -3)  # logits are checked in full before lending
+    del old
+    seen: list[str] = []
+    with caplog.at_level("WARNING"):
+        build_version(tmp_path, keys[:-1], seen=seen)
+    assert len(seen) == NUM_SAMPLES - 1
+    assert "not reusing rows" in caplog.text and "field logits" in caplog.text
+
+
+def test_callable_attachments_come_from_the_family_when_nothing_is_computed(tmp_path):
+    keys = make_keys(NUM_SAMPLES)
+    classifier = np.arange(6, dtype=np.float32).reshape(2, 3)
+    build_version(tmp_path, keys, attachments=lambda: {"text_classifier": classifier})
+
+    def must_not_run():
+        raise AssertionError("attachments recomputed although a cache of the family holds them")
+
+    cache = build_version(tmp_path, keys[2:], attachments=must_not_run)
+    np.testing.assert_array_equal(cache.attachments["text_classifier"], classifier)
+
+
+def test_the_batch_grid_does_not_depend_on_the_shard_size(tmp_path):
+    calls: list[tuple[int, int]] = []
+
+    def records(indices):
+        calls.append((int(indices[0]), len(indices)))
+        return deterministic_compute(indices)
+
+    build(tmp_path / "a", records, shard_size=5, batch_size=4)  # rounded up to 8: shards start on the grid of 4
+    assert calls == [(0, 8), (8, 8), (16, 7)]
+    build(tmp_path / "b", shard_size=3, batch_size=4)
+    a, b = (tree_bytes(cache_directory(tmp_path / name, IDENTITY)) for name in ("a", "b"))
+    assert a == b
+
+
+# ---------------------------------------------------------------------------------------------- integrity
+
+
+def flip_byte(path: Path, position: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def damage(directory: Path, how: str) -> None:
+    if how == "truncated logits":
+        path = directory / "fields" / "logits.npy"
+        path.write_bytes(path.read_bytes()[:-7])
+    elif how == "bit flip in prediction":
+        flip_byte(directory / "fields" / "prediction.npy", -5)
+    elif how == "bit flip in confidence":
+        flip_byte(directory / "fields" / "confidence.npy", -2)
+    elif how == "deleted identity.json":
+        (directory / "identity.json").unlink()
+    elif how == "deleted meta.json":
+        (directory / "meta.json").unlink()
+    elif how == "garbage meta.json":
+        (directory / "meta.json").write_bytes(b"\x00{not json")
+    elif how == "edited meta.json":
+        text = (directory / "meta.json").read_text()
+        (directory / "meta.json").write_text(text.replace(f'"num_samples": {NUM_SAMPLES}', '"num_samples": 22'))
+    elif how == "garbage identity.json":
+        (directory / "identity.json").write_text('{"identity": [1, 2]}')
+    elif how == "deleted key index":
+        (directory / "index_hash.npy").unlink()
+    elif how == "truncated attachment":
+        path = directory / "attachments" / "text_classifier.npy"
+        path.write_bytes(path.read_bytes()[:-1])
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    ("how", "named"),
+    [
+        ("truncated logits", "field logits"),
+        ("bit flip in prediction", "field prediction"),
+        ("bit flip in confidence", "field confidence"),
+        ("deleted identity.json", "identity.json"),
+        ("deleted meta.json", "meta.json"),
+        ("garbage meta.json", "meta.json"),
+        ("edited meta.json", "meta.json"),
+        ("garbage identity.json", "identity.json"),
+        ("deleted key index", "key index"),
+        ("truncated attachment", "attachment text_classifier"),
+    ],
+)
+def test_damage_is_found_at_open_and_named(tmp_path, how, named):
+    directory = build(tmp_path, attachments={"text_classifier": np.ones((2, 3), np.float32)}).directory
+    damage(directory, how)
+    with pytest.raises(CacheDamagedError) as caught:
+        PredictionCache.open(tmp_path, IDENTITY)
+    message = str(caught.value)
+    assert f"({named}" in message and str(directory) in message and "--rebuild" in message
+    assert isinstance(caught.value, UserError)
+    with pytest.raises(CacheDamagedError):  # a build does not paper over it either
+        build(tmp_path)
+
+
+def test_large_fields_are_checked_on_first_full_read_and_by_verify(tmp_path):
+    def wide(indices):  # 64 bytes of logits per row: above OPEN_CHECK_MAX_ROW_BYTES, so not read at open
+        return {**deterministic_compute(indices), "logits": np.ones((len(indices), 32), np.float16)}
+
+    directory = build(tmp_path, wide).directory
+    assert "fields/logits.npy" not in json.loads((directory / "meta.json").read_text())["checked_at_open"]
+    flip_byte(directory / "fields" / "logits.npy", -1)
+    cache = PredictionCache.open(tmp_path, IDENTITY)  # the open check reads only the small fields
+    cache.verified("prediction")
+    with pytest.raises(CacheDamagedError, match=r"field logits"):
+        cache.verified("logits")
+    with pytest.raises(CacheDamagedError, match=r"field logits"):
+        cache.verify()
+    with pytest.raises(CacheDamagedError, match=r"field logits"):
+        cache_module.verify_cache(directory)
+
+
+def test_rebuild_replaces_a_damaged_cache_with_the_same_bytes(tmp_path, reference):
+    damage(build(tmp_path).directory, "deleted identity.json")
+    calls = CountingCompute()
+    build(tmp_path, calls, rebuild=True)
+    assert len(calls.calls) == NUM_SHARDS
+    assert_equals_reference(tmp_path, reference)
+
+
+def test_a_damaged_key_index_never_returns_another_keys_row(tmp_path):
+    directory = build(tmp_path).directory
+    rows = np.load(directory / "index_row.npy")
+    rows[[0, 1]] = rows[[1, 0]]  # two entries of the index point at each other's rows
+    np.save(directory / "index_row.npy", rows)
+    meta_path = directory / "meta.json"  # pretend the manifest agrees, to test the lookup itself
+    meta = json.loads(meta_path.read_text())
+    meta["files"]["index_row.npy"] = {"bytes": (directory / "index_row.npy").stat().st_size, "xxh3_128": "x"}
+    meta["meta_checksum"] = cache_module._meta_checksum(meta)
+    meta_path.write_text(json.dumps(meta))
+    cache = PredictionCache.open(tmp_path, IDENTITY)
+    keys = make_keys(NUM_SAMPLES)
+    swapped = [keys[int(rows[1])], keys[int(rows[0])]]  # the keys whose index entries were swapped
+    found = cache._find(swapped)
+    assert all(found[i] in (-1, keys.index(swapped[i])) for i in range(2)), "never another key's row"
+    untouched = [k for k in keys if k not in swapped]
+    np.testing.assert_array_equal(cache.lookup(untouched), [keys.index(k) for k in untouched])
+    with pytest.raises(CacheDamagedError, match="key index"):  # verify() sees the changed file
+        cache.verify()
+
+
+# ---------------------------------------------------------------------------------------------- disk space
+
+
+def test_too_little_free_space_fails_before_the_merge_and_resumes(tmp_path, reference, monkeypatch):
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(cache_module.shutil, "disk_usage",
+                        lambda path: real_usage(path)._replace(free=1000))
+    with pytest.raises(DiskFullError) as caught:
+        build(tmp_path)
+    final = cache_directory(tmp_path, IDENTITY)
+    assert str(final) in str(caught.value) and "bytes needed" in str(caught.value)
+    assert not final.exists()
+    partial = final.with_name(final.name + ".partial")
+    assert len(list((partial / "shards").glob("*.npz"))) == NUM_SHARDS, "computed shards are kept"
+    assert not list(partial.glob("merge-*"))
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", real_usage)
+    resumed = CountingCompute()
+    build(tmp_path, resumed)
+    assert resumed.calls == []
+    assert_equals_reference(tmp_path, reference)
+
+
+def test_enospc_during_the_merge_is_a_disk_full_error_and_leaves_no_partial_file(tmp_path, reference, monkeypatch):
+    real_put = cache_module._NpyWriter._put
+    written = []
+
+    def disk_fills(self, data):
+        written.append(len(data))
+        if len(written) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_put(self, data)
+
+    monkeypatch.setattr(cache_module._NpyWriter, "_put", disk_fills)
+    with pytest.raises(DiskFullError, match="no space left"):
+        build(tmp_path)
+    final = cache_directory(tmp_path, IDENTITY)
+    partial = final.with_name(final.name + ".partial")
+    assert not final.exists() and not list(partial.glob("merge-*"))
+    monkeypatch.setattr(cache_module._NpyWriter, "_put", real_put)
+    build(tmp_path)
+    assert_equals_reference(tmp_path, reference)
+
+
+# ---------------------------------------------------------------------------------------------- locks
+
+
+def test_a_second_builder_waits_for_the_first_then_opens_its_cache(tmp_path, caplog):
+    name = cache_directory(tmp_path, IDENTITY).name
+    tmp_path.mkdir(exist_ok=True)
+    held = cache_module._BuildLock(tmp_path, name).acquire()
+    result: dict = {}
+
+    def second():
+        try:
+            result["cache"] = build(tmp_path)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            result["error"] = error
+
+    with caplog.at_level("WARNING"):
+        thread = threading.Thread(target=second)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while "waiting" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "another process is building the prediction cache" in caplog.text
+        assert thread.is_alive() and not cache_directory(tmp_path, IDENTITY).exists()
+        held.release()
+        thread.join(timeout=60)
+    assert "error" not in result and len(result["cache"]) == NUM_SAMPLES
+
+
+def test_concurrent_builders_of_one_identity_cooperate(tmp_path, reference):
+    """Four builders at once (threads with their own lock handles behave like processes): one computes, the
+    others wait and open its cache; nobody trips over another's temporary files."""
+    results: list = []
+    computed = CountingCompute()
+
+    def builder():
+        try:
+            results.append(len(build(tmp_path, computed)))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            results.append(error)
+
+    threads = [threading.Thread(target=builder) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == [NUM_SAMPLES] * 4
+    assert len(computed.calls) == NUM_SHARDS, "every shard computed once"
+    assert_equals_reference(tmp_path, reference)
+
+
+def test_a_cache_in_use_is_never_deleted(tmp_path):
+    cache = build(tmp_path)
+    directory = cache.directory
+    with pytest.raises(CacheInUseError, match="in use"):
+        cache_module.delete_cache(directory)
+    with pytest.raises(CacheInUseError):
+        build(tmp_path, rebuild=True)
+    assert cache_module.list_caches(tmp_path)[0].in_use
+    outcome = cache_module.prune_caches(tmp_path, cache_module.list_caches(tmp_path))
+    assert [o for _, o in outcome] == ["kept: in use by another process"] and directory.is_dir()
+    del cache
+    cache_module.delete_cache(directory)
+    assert not directory.exists()
+
+
+# ---------------------------------------------------------------------------------------------- list and prune
+
+
+def test_list_and_prune(tmp_path):
+    keys = make_keys(NUM_SAMPLES)
+    older = build_version(tmp_path, keys).directory
+    time.sleep(0.05)
+    newer = build_version(tmp_path, keys[1:]).directory
+    with pytest.raises(Killed):
+        build(tmp_path, CountingCompute(fail_on_call=2))
+    stray = tmp_path / "not_a_cache"
+    stray.mkdir()
+    listed = {e.directory.name: e for e in cache_module.list_caches(tmp_path)}
+    assert "not_a_cache" not in listed, "directories the cache did not write are never listed (or pruned)"
+    states = sorted(e.state for e in listed.values())
+    assert states == ["complete", "complete", "partial"]
+    partial = next(e for e in listed.values() if e.state == "partial")
+    assert not partial.running and partial.num_samples == NUM_SAMPLES and partial.done_samples == SHARD_SIZE
+    assert all(e.bytes > 0 and e.identity for e in listed.values())
+
+    superseded = cache_module.select_superseded(list(listed.values()), lambda identity: identity.get("model"))
+    assert [e.directory for e in superseded] == [older]
+    assert cache_module.select_older_than(list(listed.values()), 3600) == []
+
+    dry = cache_module.prune_caches(tmp_path, superseded, dry_run=True)
+    assert sorted(o for _, o in dry) == ["would remove", "would remove"] and len(entries(tmp_path)) == 4
+    done = cache_module.prune_caches(tmp_path, superseded)
+    assert sorted(o for _, o in done) == ["removed", "removed"]
+    assert entries(tmp_path) == sorted([newer.name, "not_a_cache"])
+    PredictionCache.open(tmp_path, version_of(keys[1:]))  # the newest is intact
+
+
+def test_prune_keeps_a_partial_build_that_is_running(tmp_path):
+    with pytest.raises(Killed):
+        build(tmp_path, CountingCompute(fail_on_call=2))
+    name = cache_directory(tmp_path, IDENTITY).name
+    held = cache_module._BuildLock(tmp_path, name).acquire()
+    try:
+        (entry,) = cache_module.list_caches(tmp_path)
+        assert entry.state == "partial" and entry.running
+        assert [o for _, o in cache_module.prune_caches(tmp_path)] == ["kept: a build is running"]
+    finally:
+        held.release()
+    assert [o for _, o in cache_module.prune_caches(tmp_path)] == ["removed"]
+    assert entries(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------- the teacher cache
+# Image folders with the bundled tiny CLIP: what a swap, an edit, an added or a removed image re-predicts.
+
+BMP_SIDE = 12  # .bmp files of one size all have the same byte size: same-size swaps and edits
+
+
+def write_bmp_folder(root: Path, per_class: int = 4, seed: int = 0) -> Path:
+    for c, name in enumerate(("cat", "dog", "fox")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            tiny_image(seed * 1000 + c * 100 + i, side=BMP_SIDE).save(root / name / f"{name}_{i}.bmp")
+    return root
+
+
+def folder_config(tmp_path: Path, folder: Path, *extra: str):
+    from zeroshot_adapt import pipeline
+
+    return pipeline.resolve_config("imagefolder", overrides=[
+        f"data.data_dir={folder}", "data.holdout_fraction=0", "teacher.model=zsa-tiny-digits",
+        "teacher.pretrained=bundled", f"teacher.cache_dir={tmp_path / 'cache'}", "teacher.batch_size=4",
+        "teacher.shard_size=4", "teacher.num_workers=0", *extra,
+    ])
+
+
+@pytest.fixture
+def predicted(monkeypatch) -> list[str]:
+    """The keys of every image CLIP is asked to predict (through predict_shards) during the test."""
+    from zeroshot_adapt.teacher import predict
+
+    seen: list[str] = []
+    real = predict.predict_shards
+
+    def counting(clip, classifier, table, shards, **kwargs):
+        seen.extend(table.keys[int(i)] for shard in shards for i in shard)
+        yield from real(clip, classifier, table, shards, **kwargs)
+
+    monkeypatch.setattr(predict, "predict_shards", counting)
+    return seen
+
+
+def teacher(config):
+    from zeroshot_adapt import pipeline
+
+    return pipeline.teacher_predictions(config, "train", progress=False)
+
+
+def logits_by_key(preds) -> dict[str, np.ndarray]:
+    return dict(zip(preds.table.keys, preds.field("logits"), strict=True))
+
+
+def test_two_same_size_images_swapped_are_predicted_again(tmp_path, predicted):
+    folder = write_bmp_folder(tmp_path / "images")
+    config = folder_config(tmp_path, folder)
+    before = logits_by_key(teacher(config))
+    a, b, swap = folder / "cat" / "cat_1.bmp", folder / "dog" / "dog_2.bmp", folder / "swap.tmp"
+    assert a.stat().st_size == b.stat().st_size
+    predicted.clear()
+    os.rename(a, swap), os.rename(b, a), os.rename(swap, b)
+    after = logits_by_key(teacher(config))
+    assert sorted(predicted) == ["cat/cat_1.bmp", "dog/dog_2.bmp"], "exactly the two swapped images"
+    np.testing.assert_array_equal(after["cat/cat_1.bmp"], before["dog/dog_2.bmp"])
+    np.testing.assert_array_equal(after["dog/dog_2.bmp"], before["cat/cat_1.bmp"])
+    assert not np.array_equal(after["cat/cat_1.bmp"], before["cat/cat_1.bmp"])
+
+
+def test_an_image_edited_in_place_at_the_same_size_is_predicted_again(tmp_path, predicted):
+    folder = write_bmp_folder(tmp_path / "images")
+    config = folder_config(tmp_path, folder)
+    teacher(config)
+    victim = folder / "fox" / "fox_3.bmp"
+    size = victim.stat().st_size
+    tiny_image(424242, side=BMP_SIDE).save(victim)  # same file, same size, new pixels
+    assert victim.stat().st_size == size
+    predicted.clear()
+    teacher(config)
+    assert predicted == ["fox/fox_3.bmp"]
+
+
+def test_one_image_added_predicts_one_and_equals_a_full_build(tmp_path, predicted):
+    folder = write_bmp_folder(tmp_path / "images")
+    teacher(folder_config(tmp_path, folder))
+    tiny_image(777, side=BMP_SIDE).save(folder / "dog" / "dog_new.bmp")
+    predicted.clear()
+    grown = teacher(folder_config(tmp_path, folder))
+    assert predicted == ["dog/dog_new.bmp"]
+    full = teacher(folder_config(tmp_path / "full", folder))  # an empty cache directory: a full build
+    assert len(predicted) == 1 + len(full.table)
+    assert tree_bytes(grown.cache.directory) == tree_bytes(full.cache.directory), (
+        "batches are padded to the batch size, so a sample's numbers do not depend on its batch-mates"
+    )
+
+
+def test_one_image_removed_predicts_none_and_loads_no_clip(tmp_path, predicted, monkeypatch):
+    folder = write_bmp_folder(tmp_path / "images")
+    first = teacher(folder_config(tmp_path, folder))
+    (folder / "cat" / "cat_0.bmp").unlink()
+
+    def no_clip(*args, **kwargs):
+        raise AssertionError("nothing to predict: CLIP must not be loaded")
+
+    monkeypatch.setattr("zeroshot_adapt.teacher.clip.load_clip", no_clip)
+    predicted.clear()
+    fewer = teacher(folder_config(tmp_path, folder))
+    assert predicted == [] and len(fewer.table) == len(first.table) - 1
+    assert fewer.cache.directory != first.cache.directory
+    old = logits_by_key(first)
+    for key, logits in logits_by_key(fewer).items():
+        np.testing.assert_array_equal(logits, old[key])
+    np.testing.assert_array_equal(fewer.text_classifier, first.text_classifier)
+    assert fewer.logit_scale == first.logit_scale
+
+
+def test_content_fingerprints_survive_copying_the_data_and_stat_ones_do_not(tmp_path, predicted):
+    folder = write_bmp_folder(tmp_path / "images")
+    teacher(folder_config(tmp_path, folder, "data.fingerprint=content"))
+    copy = tmp_path / "copied"
+    shutil.copytree(folder, copy)  # new inodes and modification times, same bytes
+    predicted.clear()
+    teacher(folder_config(tmp_path, copy, "data.fingerprint=content"))
+    assert predicted == []
+    teacher(folder_config(tmp_path, folder))  # stat ids: nothing to reuse from content ids
+    assert len(predicted) == 12
+    predicted.clear()
+    teacher(folder_config(tmp_path, copy))
+    assert len(predicted) == 12, "under stat ids a copy is new data"
+
+
+def test_shard_size_does_not_change_the_teacher_cache(tmp_path):
+    folder = write_bmp_folder(tmp_path / "images", per_class=5)
+    three = teacher(folder_config(tmp_path / "a", folder, "teacher.shard_size=3"))
+    seven = teacher(folder_config(tmp_path / "b", folder, "teacher.shard_size=7"))
+    assert three.cache.directory.name == seven.cache.directory.name, "the shard size is not in the identity"
+    assert tree_bytes(three.cache.directory) == tree_bytes(seven.cache.directory)
+
+
+def test_each_image_is_decoded_once_and_a_corrupt_one_logged_once(tmp_path, monkeypatch, caplog):
+    """Wrapping the DataLoader in tqdm.auto started a second iterator whose workers decoded (and logged) the
+    prefetched images again; with workers, every image must still be decoded exactly once."""
+    from zeroshot_adapt.data import sources
+
+    folder = write_bmp_folder(tmp_path / "images")
+    bad = folder / "dog" / "dog_1.bmp"
+    bad.write_bytes(bad.read_bytes()[:20])
+    log_file = tmp_path / "decoded.txt"
+    real_decode = sources.decode_image
+
+    def logged_decode(source, name):
+        with open(log_file, "a") as handle:  # workers are separate processes: count through a file
+            handle.write(f"{name}\n")
+        return real_decode(source, name)
+
+    monkeypatch.setattr(sources, "decode_image", logged_decode)
+    with caplog.at_level("WARNING"):
+        preds = teacher(folder_config(tmp_path, folder, "teacher.num_workers=2"))
+    decoded = log_file.read_text().splitlines()
+    assert sorted(decoded) == sorted(str(folder / key) for key in preds.table.keys), "each image exactly once"
+    assert caplog.text.count("dog_1.bmp") == 1
+    assert preds.valid.sum() == len(preds.table) - 1
+
+
+@pytest.mark.parametrize(
+    ("decode_ms", "forward_ms", "cores", "on_host", "expected"),
+    [
+        (1.0, 1.0, 2, True, 0),  # 2 cores, CPU forward: a worker halves the forward's cores: 2 ms > 2 ms * 0.9
+        (3.0, 1.0, 2, True, 1),  # decoding dominates: max(3, 2) = 3 < 0.9 * 4
+        (4.0, 1.0, 16, False, 4),  # accelerator: workers until decoding keeps up with the forward
+        (0.1, 1.0, 16, False, 0),  # decoding is cheap: workers would only add copies
+        (4.0, 1.0, 1, True, 0),  # one core: nothing to overlap with
+    ],
+)
+def test_worker_count_follows_the_measured_costs(decode_ms, forward_ms, cores, on_host, expected):
+    from zeroshot_adapt.teacher.predict import choose_num_workers
+
+    assert choose_num_workers(decode_ms, forward_ms, cores=cores, forward_on_host=on_host) == expected
+
+
+def test_the_worker_count_is_measured_and_logged_when_not_set(tmp_path, caplog):
+    folder = write_bmp_folder(tmp_path / "images")
+    with caplog.at_level("INFO", logger="zeroshot_adapt.teacher.predict"):
+        teacher(folder_config(tmp_path, folder, "teacher.num_workers=null"))
+    assert "decode+preprocess" in caplog.text and "DataLoader worker(s)" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- content ids
+
+
+def test_hugging_face_rows_get_content_ids_that_see_edits(tmp_path):
+    from datasets import ClassLabel, Dataset, Features, load_from_disk
+    from datasets import Image as ImageFeature
+
+    from zeroshot_adapt.data.sources import hf_split
+
+    folder = write_bmp_folder(tmp_path / "images", per_class=2)
+    paths = sorted(str(p) for p in folder.rglob("*.bmp"))
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=["cat", "dog", "fox"])})
+    on_disk = Dataset.from_dict({"image": paths, "label": [0, 0, 1, 1, 2, 2]}, features=features)
+
+    def split(dataset, mode="stat"):
+        return hf_split(dataset, image_column="image", label_column="label", classes=None, where="t", fingerprint=mode)
+
+    pointing = split(on_disk)  # rows that point at files: stat ids, like an image folder
+    assert pointing.keys == paths and all(c.startswith("stat:") for c in pointing.content_ids)
+    size = Path(paths[3]).stat().st_size
+    tiny_image(99, side=BMP_SIDE).save(paths[3])  # edited in place, same size
+    assert Path(paths[3]).stat().st_size == size
+    edited = split(on_disk)
+    assert [a != b for a, b in zip(pointing.content_ids, edited.content_ids, strict=True)] == [0, 0, 0, 1, 0, 0]
+
+    on_disk.save_to_disk(str(tmp_path / "saved"))  # the bytes move into an Arrow file
+    saved = split(load_from_disk(str(tmp_path / "saved")))
+    assert all(c.startswith("arrow:") for c in saved.content_ids)
+    by_content = split(load_from_disk(str(tmp_path / "saved")), "content")
+    assert by_content.content_ids == split(on_disk, "content").content_ids  # the same bytes, wherever they live
+    assert len(set(by_content.content_ids)) == 6
+
+
+def test_the_fingerprint_setting_is_checked():
+    from zeroshot_adapt.config import CONSTRAINTS
+    from zeroshot_adapt.data.sources import FINGERPRINT_MODES
+
+    assert CONSTRAINTS["data.fingerprint"].choices == FINGERPRINT_MODES
+    from zeroshot_adapt import pipeline
+
+    with pytest.raises(UserError, match=r"data.fingerprint='mtime' must be one of stat, content"):
+        pipeline.resolve_config("digits", overrides=["data.fingerprint=mtime"])
+
+
+def test_a_key_the_cache_should_hold_but_cannot_find_is_reported_as_damage(tmp_path):
+    from zeroshot_adapt import pipeline
+
+    folder = write_bmp_folder(tmp_path / "images")
+    directory = teacher(folder_config(tmp_path, folder)).cache.directory
+    flip_byte(directory / "keys_blob.npy", -1)  # same size: the open check passes, the last key no longer matches
+    with pytest.raises(CacheDamagedError, match=r"\(key index: .*fox/fox_3.bmp"):
+        pipeline.teacher_predictions(folder_config(tmp_path, folder), "train", progress=False)

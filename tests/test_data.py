@@ -165,8 +165,11 @@ def test_image_folder_keys_survive_relisting_in_another_order(tmp_path):
     a = load_split("imagefolder", "train", data_dir=str(first))
     b = load_split("imagefolder", "train", data_dir=str(second))
     assert key_to_label(a) == key_to_label(b)
-    assert a.fingerprint == b.fingerprint
     assert a.fingerprint == load_split("imagefolder", "train", data_dir=str(first)).fingerprint
+    # content ids: by stat (size, mtime, inode) a copy is other files; by content hash it is the same data
+    assert a.fingerprint != b.fingerprint
+    a, b = (load_split("imagefolder", "train", data_dir=str(root), fingerprint="content") for root in (first, second))
+    assert a.fingerprint == b.fingerprint and a.content_ids == b.content_ids
 
 
 def test_fingerprint_changes_when_samples_are_added_removed_or_changed(tmp_path):

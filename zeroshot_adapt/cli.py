@@ -15,6 +15,8 @@ log = logging.getLogger("zeroshot_adapt")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # stopped by SIGINT / SIGTERM after writing a checkpoint: re-run to resume
+REBUILD_HELP = "delete the CLIP prediction cache(s) this command uses and predict every image again"
+SECONDS_PER_DAY = 86_400
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -38,16 +40,33 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("cache", help="predict every image with CLIP once and store it (sharded, resumable)")
+    p = sub.add_parser("cache", help="predict every image with CLIP once and store it (sharded, resumable); "
+                                     "list, prune, verify or rebuild caches")
     _common(p)
     p.add_argument("--split", choices=("train", "test", "both"), default="both")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--list", action="store_true",
+                        help="list every cache under the cache directory (--dataset D: only D's)")
+    action.add_argument("--prune", action="store_true",
+                        help="remove partial builds that are not running, plus the caches --older-than / "
+                             "--superseded select (never one in use)")
+    action.add_argument("--verify", action="store_true",
+                        help="check the checksum of every file of every cache (--dataset D: only D's)")
+    action.add_argument("--rebuild", action="store_true", help=REBUILD_HELP)
+    p.add_argument("--older-than", type=float, metavar="DAYS", help="with --prune: caches not used for DAYS days")
+    p.add_argument("--superseded", action="store_true",
+                   help="with --prune: caches a newer cache of the same dataset, split and teacher replaces, "
+                        "and caches of an older format")
+    p.add_argument("--dry-run", action="store_true", help="with --prune: say what would be removed")
 
     p = sub.add_parser("zeroshot", help="CLIP zero-shot metrics and the per-class imbalance plot, from the cache")
     _common(p)
+    p.add_argument("--rebuild", action="store_true", help=REBUILD_HELP)
     p.add_argument("--out", help="output folder (default runs/<dataset>/zeroshot)")
 
     p = sub.add_parser("pseudolabel", help="select CLIP pseudo-labels with confidence >= tau_clip; stats and plots")
     _common(p)
+    p.add_argument("--rebuild", action="store_true", help=REBUILD_HELP)
     p.add_argument("--tau-clip", type=float, help="confidence threshold in (0, 1] (default 0.95)")
     p.add_argument("--out", help="output folder (default runs/<dataset>/pseudolabel)")
 
@@ -57,6 +76,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text)
         _common(p)
+        p.add_argument("--rebuild", action="store_true", help=REBUILD_HELP + " (do not repeat it when resuming)")
         p.add_argument("--algorithm", help="fixmatch | debiaspl | ... (see `zsa algorithms`)")
         p.add_argument("--tau-clip", type=float, help="CLIP confidence threshold for the labeled set (adapt)")
         p.add_argument("--run-dir", help="run directory (default runs/<dataset>/<algorithm>); re-run to resume")
@@ -161,10 +181,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     _validate(config)
     name = config.data.dataset
     if args.command == "cache":
-        for split in ("train", "test") if args.split == "both" else (args.split,):
-            preds = pipeline.teacher_predictions(config, split)
-            print(f"{name}/{split}: {len(preds.table)} predictions cached in {preds.cache.directory}")
-        return 0
+        return _cache(args, config)
+    if getattr(args, "rebuild", False):
+        uses_clip = args.command in ("zeroshot", "pseudolabel") or not config.ssl.enabled or config.ssl.use_clip
+        splits = ("train",) if args.command == "pseudolabel" else ("train", "test") if uses_clip else ()
+        _rebuild(config, splits, optional_test=args.command in ("adapt", "ssl"))
     if args.command == "zeroshot":
         report = pipeline.zeroshot_report(config, args.out or f"runs/{name}/zeroshot")
         for split in ("train", "test"):
@@ -196,6 +217,118 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.command == "baseline":
         return _baseline(args, config)
     raise AssertionError(args.command)
+
+
+def _rebuild(config, splits: Sequence[str], *, optional_test: bool) -> None:
+    """Delete and rebuild the teacher caches of `splits` (a missing test split is skipped where optional)."""
+    from zeroshot_adapt import pipeline
+
+    for split in splits:
+        if split == "test" and optional_test:
+            try:
+                pipeline.load_table(config, "test")
+            except UserError:
+                continue
+        preds = pipeline.teacher_predictions(config, split, rebuild=True)
+        print(f"{config.data.dataset}/{split}: rebuilt {len(preds.table)} predictions in {preds.cache.directory}")
+
+
+def _cache(args: argparse.Namespace, config) -> int:
+    """`zsa cache`: build (or --rebuild) the caches of a dataset, or --list / --prune / --verify all caches."""
+    from zeroshot_adapt import cache as cache_store
+    from zeroshot_adapt import pipeline
+
+    if (args.older_than is not None or args.superseded or args.dry_run) and not args.prune:
+        raise UserError("--older-than, --superseded and --dry-run go with --prune")
+    if args.older_than is not None and not args.older_than >= 0:
+        raise UserError(f"--older-than {args.older_than} must be a number of days >= 0")
+    root = pipeline.cache_root(config)
+    splits = ("train", "test") if args.split == "both" else (args.split,)
+    if args.rebuild:
+        _rebuild(config, splits, optional_test=False)
+        return 0
+    if not (args.list or args.prune or args.verify):
+        for split in splits:
+            preds = pipeline.teacher_predictions(config, split)
+            print(f"{config.data.dataset}/{split}: {len(preds.table)} predictions cached in {preds.cache.directory}")
+        return 0
+
+    entries = cache_store.list_caches(root)
+    if args.dataset is not None:  # (a cache whose identity.json is unreadable is kept: it may be this one)
+        entries = [e for e in entries if e.identity.get("dataset") in (config.data.dataset, None)]
+    if args.list:
+        _print_cache_table(root, entries)
+    elif args.verify:
+        damaged = []
+        for entry in entries:
+            if entry.state not in ("complete", "damaged"):
+                continue
+            try:
+                cache_store.verify_cache(entry.directory)
+                print(f"ok       {_cache_label(entry)}  {entry.directory}")
+            except cache_store.CacheDamagedError as error:
+                print(f"DAMAGED  {_cache_label(entry)}  {entry.directory}")
+                damaged.append(str(error))
+        if damaged:
+            raise UserError("\n".join(damaged))
+        print(f"verified {sum(e.state == 'complete' for e in entries)} cache(s) under {root}")
+    else:
+        selected = []
+        if args.older_than is not None:
+            selected += cache_store.select_older_than(entries, args.older_than * SECONDS_PER_DAY)
+        if args.superseded:
+            selected += cache_store.select_superseded(entries, pipeline.cache_lineage)
+        outcomes = cache_store.prune_caches(root, selected, dry_run=args.dry_run)
+        for entry, outcome in outcomes:
+            print(f"{outcome:32s} {entry.state:10s} {_cache_label(entry)}  {_size(entry.bytes)}  {entry.directory}")
+        freed = sum(e.bytes for e, outcome in outcomes if outcome in ("removed", "would remove"))
+        print(f"{'would free' if args.dry_run else 'freed'} {_size(freed)} under {root}")
+    return 0
+
+
+def _size(num_bytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return ""
+
+
+def _cache_label(entry) -> str:
+    identity = entry.identity or {}
+    return f"{identity.get('dataset', '?')}/{identity.get('split', '?')}"
+
+
+def _print_cache_table(root: Path, entries) -> None:
+    import time
+
+    def when(stamp: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else "-"
+
+    print(f"prediction caches under {root}:")
+    header = ("STATE", "DATASET/SPLIT", "MODEL / WEIGHTS", "SAMPLES", "SIZE", "LAST USED", "BUILT", "DIRECTORY")
+    rows = []
+    for entry in entries:
+        identity = entry.identity or {}
+        weights = str(identity.get("weights", "?"))
+        weights = weights[:19] + "..." if len(weights) > 22 else weights
+        state = entry.state
+        if entry.state == "partial":
+            state += " (building)" if entry.running else " (stopped)"
+        elif entry.in_use:
+            state += " (in use)"
+        samples = "-" if entry.num_samples is None else (
+            f"{entry.done_samples}/{entry.num_samples}" if entry.done_samples is not None else str(entry.num_samples))
+        rows.append((state, _cache_label(entry), f"{identity.get('model', '?')} / {weights}", samples,
+                     _size(entry.bytes), when(entry.last_used), when(entry.built_at), entry.directory.name))
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    for entry in entries:
+        if entry.problem:
+            print(f"{entry.directory.name}: {entry.problem}")
+    if not entries:
+        print("(none)")
 
 
 def _train_teacher(args: argparse.Namespace) -> int:

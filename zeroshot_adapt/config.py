@@ -32,6 +32,9 @@ class DataConfig:
     # hub source overrides (harden): a script-free copy or the parquet export of a repo that holds a loading script
     hf_id: str | None = None  # None: the dataset's registered hub id (e.g. timm/eurosat-rgb instead of tanganke's)
     hf_revision: str | None = None  # branch / tag / commit of the hub repo, e.g. refs/convert/parquet
+    # Per-sample content ids for the prediction cache: "stat" (size + mtime_ns + inode of each file; cheap) or
+    # "content" (sha256 of each file's bytes; one full read per load, survives copying the data elsewhere).
+    fingerprint: str = "stat"
 
 
 @dataclass(frozen=True)
@@ -39,9 +42,12 @@ class TeacherConfig:
     model: str = "RN50-quickgelu"
     pretrained: str = "openai"  # open_clip tag or a local checkpoint path
     prompts: str | None = None  # prompt file name in prompts/ or a path; None: the dataset's own
-    batch_size: int = 256
-    shard_size: int = 8192
-    num_workers: int | None = None  # decoding workers for the cache build; None: data.num_workers
+    batch_size: int = 256  # part of the cache identity (batch shapes can change the last bits of the results)
+    # Rows per cache shard (the unit of resumption and of the split across processes), rounded up to a whole
+    # number of batches so batch boundaries never depend on it. 1024: an interrupted build loses < 1024 images
+    # per process, and a 27k-image set splits evenly across several processes (8192 gave 4 uneven shards).
+    shard_size: int = 1024
+    num_workers: int | None = None  # decoding workers for the cache build; None: chosen from measured costs
     cache_dir: str | None = None  # None: $ZSA_CACHE_DIR or ~/.cache/zeroshot-adapt
 
 
@@ -208,6 +214,7 @@ CONSTRAINTS: dict[str, Constraint] = {
     "run_dir": Constraint(non_empty=True),
     "checkpoint_every_steps": at_least(1),
     "eval_every_epochs": at_least(1),
+    "data.fingerprint": Constraint(choices=("stat", "content")),
 }
 """Valid values per dotted key. Every int / float field must have an entry (a test checks it)."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from zeroshot_adapt.cache import CacheMiss, PredictionCache, build_cache
+from zeroshot_adapt.cache import CacheDamagedError, CacheMiss, PredictionCache, build_cache
 from zeroshot_adapt.config import (
     RunConfig,
     apply_mapping,
@@ -35,11 +36,12 @@ from zeroshot_adapt.errors import UserError
 from zeroshot_adapt.fileio import atomic_write
 from zeroshot_adapt.pseudo_labels import select_confident, selection_report, threshold_sweep
 from zeroshot_adapt.reports.metrics import classification_report, write_json
+from zeroshot_adapt.teacher import predict
 from zeroshot_adapt.teacher.prompts import PromptSet, align_prompts, custom_prompts, load_prompts
 
 log = logging.getLogger(__name__)
 
-PREDICTION_FIELDS = ("logits", "features", "confidence", "prediction", "valid")
+PREDICTION_FIELDS = predict.PREDICTION_FIELDS  # the fields of the teacher cache
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -88,6 +90,7 @@ def load_table(config: RunConfig, split: str) -> SampleTable:
         seed=0,
         hf_id=data.hf_id,
         hf_revision=data.hf_revision,
+        fingerprint=data.fingerprint,
     )
 
 
@@ -129,8 +132,10 @@ class TeacherPredictions:
     rows: np.ndarray  # [N] rows in the cache
 
     def field(self, name: str) -> np.ndarray:
-        """The cached field for the table's samples, in table order (read from the memory map)."""
-        return np.asarray(self.cache.arrays[name][self.rows])
+        """The cached field for the table's samples, in table order. The first read of a large field
+        (logits, features) checks the checksum of its whole file (streamed); the small ones were checked
+        when the cache was opened. A damaged file is a UserError naming it."""
+        return np.asarray(self.cache.verified(name)[self.rows])
 
     @cached_property
     def prediction(self) -> np.ndarray:
@@ -172,9 +177,20 @@ class TeacherPredictions:
         return classification_report(logits, self.prediction[valid], labels, list(self.prompts.classes))
 
 
-def cache_identity(config: RunConfig, table: SampleTable, prompts: PromptSet) -> dict[str, Any]:
-    """Everything that changes CLIP's predictions; computed without loading (or downloading) the weights."""
+def _compute_device() -> torch.device:
+    """The device the cache build runs on (what PartialState picks in `_build_teacher_cache`)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+TEACHER_FAMILY_KEYS = ("model", "weights", "templates", "class_names", "preprocess", "compute")
+
+
+def teacher_family(config: RunConfig, prompts: PromptSet) -> dict[str, Any]:
+    """What fixes CLIP's prediction for ONE image: model, weights, templates, class names (in order),
+    preprocessing and the compute settings (device type, precision, batch size). Caches of one family
+    share per-sample predictions. Computed without loading (or downloading) the weights."""
     from zeroshot_adapt.teacher.clip import preprocess_description, resolve_weights
+    from zeroshot_adapt.teacher.predict import compute_settings
 
     weights = resolve_weights(config.teacher.model, config.teacher.pretrained)
     return {
@@ -182,69 +198,105 @@ def cache_identity(config: RunConfig, table: SampleTable, prompts: PromptSet) ->
         "weights": weights.weights_id,
         "templates": list(prompts.templates),
         "class_names": list(prompts.classes),
+        "preprocess": preprocess_description(weights),
+        "compute": compute_settings(_compute_device(), config.teacher.batch_size),
+    }
+
+
+def cache_identity(config: RunConfig, table: SampleTable, prompts: PromptSet) -> dict[str, Any]:
+    """Everything that changes the cached predictions of a split: the teacher family plus the dataset, the
+    split and its fingerprint (every sample's key and content id)."""
+    return {
+        **teacher_family(config, prompts),
         "dataset": table.dataset,
         "split": table.split,
         "dataset_fingerprint": table.fingerprint,
         "num_samples": len(table),
-        "preprocess": preprocess_description(weights),
     }
 
 
-def teacher_predictions(config: RunConfig, split: str = "train", *, progress: bool = True) -> TeacherPredictions:
+def cache_lineage(identity: dict[str, Any]) -> tuple[Any, Any]:
+    """What a teacher cache is a version of: its dataset and split (a newer cache of the same teacher family
+    and lineage supersedes it; see `cache.select_superseded`)."""
+    return identity.get("dataset"), identity.get("split")
+
+
+def teacher_predictions(
+    config: RunConfig, split: str = "train", *, progress: bool = True, rebuild: bool = False
+) -> TeacherPredictions:
     """Open CLIP's predictions for `split` from the cache, building the cache first if it is missing.
 
-    Under `accelerate launch` / `torchrun`, every process builds its share of the shards."""
+    A missing cache reuses every prediction a cache of the same teacher holds for an unchanged sample
+    (same key and content id) and computes only the rest. rebuild: delete this split's cache and predict
+    every sample again. Under `accelerate launch` / `torchrun`, every process builds its share."""
     table = load_table(config, split)
     prompts = prompts_for(config, table)
     identity = cache_identity(config, table, prompts)
     root = cache_root(config)
     try:
+        if rebuild:
+            raise CacheMiss("rebuild requested")
         cache = PredictionCache.open(root, identity)
     except CacheMiss:
-        cache = _build_teacher_cache(config, table, prompts, identity, root, progress=progress)
-    return TeacherPredictions(table=table, prompts=prompts, cache=cache, rows=cache.lookup(list(table.keys)))
+        family = {key: identity[key] for key in TEACHER_FAMILY_KEYS}
+        cache = _build_teacher_cache(config, table, prompts, identity, family, root, progress=progress,
+                                     rebuild=rebuild)
+    try:
+        rows = cache.lookup(list(table.keys))
+    except KeyError as error:  # the identity matched, so every key is there unless the key index is damaged
+        raise CacheDamagedError(cache.directory, "key index", str(error.args[0])) from None
+    return TeacherPredictions(table=table, prompts=prompts, cache=cache, rows=rows)
 
 
-def _build_teacher_cache(config, table, prompts, identity, root, *, progress: bool) -> PredictionCache:
+def _build_teacher_cache(config, table, prompts, identity, family, root, *, progress: bool,
+                         rebuild: bool = False) -> PredictionCache:
     from accelerate import PartialState
 
     from zeroshot_adapt.teacher.classifier import zeroshot_classifier
     from zeroshot_adapt.teacher.clip import load_clip
-    from zeroshot_adapt.teacher.predict import predict_indices
+    from zeroshot_adapt.teacher.predict import predict_shards
 
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo multi-process on CPU
-    clip = load_clip(config.teacher.model, config.teacher.pretrained, device=state.device)
-    classifier = zeroshot_classifier(clip.model, clip.tokenizer, prompts, state.device)
-    log.info(
-        "building the CLIP cache for %s/%s (%d images, %s, %s) in %s",
-        table.dataset, table.split, len(table), clip.model_name, clip.pretrained, root,
-    )
 
-    def compute(indices: np.ndarray) -> dict[str, np.ndarray]:
-        return predict_indices(
-            clip,
-            classifier,
-            table,
-            indices,
-            batch_size=config.teacher.batch_size,
-            num_workers=config.data.num_workers if config.teacher.num_workers is None else config.teacher.num_workers,
-            device=state.device,
+    @functools.cache
+    def teacher():  # loaded only if some sample must be predicted (or no cache lends the classifier)
+        clip = load_clip(config.teacher.model, config.teacher.pretrained, device=state.device)
+        classifier = zeroshot_classifier(clip.model, clip.tokenizer, prompts, state.device)
+        return clip, classifier
+
+    def compute_shards(shards):
+        clip, classifier = teacher()
+        log.info("predicting %d images of %s/%s with CLIP (%s, %s)", sum(len(s) for s in shards), table.dataset,
+                 table.split, clip.model_name, clip.pretrained)
+        yield from predict_shards(
+            clip, classifier, table, shards, batch_size=config.teacher.batch_size,
+            num_workers=config.teacher.num_workers, device=state.device,
+            progress=progress and state.is_main_process,
         )
+
+    def attachments() -> dict[str, np.ndarray]:
+        clip, classifier = teacher()
+        return {
+            "text_classifier": classifier.T.float().cpu().numpy(),  # [C, D]
+            "logit_scale": np.asarray(clip.logit_scale, dtype=np.float32),
+        }
 
     return build_cache(
         root,
         identity,
         list(table.keys),
-        compute,
+        compute_shards=compute_shards,
+        content_ids=table.all_content_ids(),
+        family=family,
+        retry_field="valid",  # images that could not be decoded are tried again, never reused
+        rebuild=rebuild,
         shard_size=config.teacher.shard_size,
+        batch_size=config.teacher.batch_size,
         process_index=state.process_index,
         num_processes=state.num_processes,
         wait_for_everyone=state.wait_for_everyone,
         progress=progress and state.is_main_process,
-        attachments={
-            "text_classifier": classifier.T.float().cpu().numpy(),  # [C, D]
-            "logit_scale": np.asarray(clip.logit_scale, dtype=np.float32),
-        },
+        attachments=attachments,
     )
 
 

@@ -315,11 +315,19 @@ def open_source(
     *,
     hf_id: str | None = None,
     hf_revision: str | None = None,
+    fingerprint: str = "stat",
 ) -> Source:
-    """The Source that `data_dir` (or the hub, or the bundled digits) describes.
+    """The Source that `data_dir` (or the hub, or the bundled digits) describes, making content ids by
+    `fingerprint` ("stat" or "content", see `sources`).
 
     hf_id / hf_revision: read another hub repository (or a branch / tag / commit of it, such as the
     parquet export ``refs/convert/parquet``) instead of the spec's; only without `data_dir`."""
+    return _open_source(spec, data_dir, classes, hf_id=hf_id, hf_revision=hf_revision).with_fingerprint(fingerprint)
+
+
+def _open_source(
+    spec: DatasetSpec, data_dir: str | None, classes: ClassSpace | None, *, hf_id: str | None, hf_revision: str | None
+) -> Source:
     if spec.name == "digits":
         if data_dir is not None:
             raise UserError(f"dataset 'digits' is bundled with scikit-learn; do not pass data_dir={data_dir!r}")
@@ -365,6 +373,7 @@ def load_split(
     source_split: str | None = None,
     hf_id: str | None = None,
     hf_revision: str | None = None,
+    fingerprint: str = "stat",
 ) -> SampleTable:
     """Load the "train" or "test" split of a registered dataset as a SampleTable.
 
@@ -374,6 +383,8 @@ def load_split(
     holdout_fraction / seed: the stratified holdout used when the source has a single split (0: train and
         test are both the whole split).
     hf_id / hf_revision: another hub repository / revision than the spec's (see `open_source`).
+    fingerprint: how per-sample content ids (and so the split's fingerprint) are made: "stat" (size,
+        modification time and inode of each file) or "content" (sha256 of each file's bytes); see `sources`.
     """
     spec = get_spec(dataset)
     if split not in SPLITS and source_split is None:
@@ -383,7 +394,7 @@ def load_split(
     classes = spec.class_space()
     if classes is not None and spec.num_classes is not None and len(classes) != spec.num_classes:
         raise UserError(f"{classes.source} lists {len(classes)} classes; dataset {spec.name!r} has {spec.num_classes}")
-    source = open_source(spec, data_dir, classes, hf_id=hf_id, hf_revision=hf_revision)
+    source = open_source(spec, data_dir, classes, hf_id=hf_id, hf_revision=hf_revision, fingerprint=fingerprint)
     names = source.split_names()
 
     if source_split is not None:

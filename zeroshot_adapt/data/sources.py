@@ -13,9 +13,20 @@ Key policy (keys survive re-listing and re-ordering of the source, and are uniqu
 Exact duplicates of content keys get a ``#1``, ``#2``... suffix, handed out in (label, path) order so the
 assignment does not depend on the order of the source.
 
-Fingerprint: sha256 over the sorted ``key<TAB>content id`` lines, where the content id is the file size
-(folders, path-keyed HF rows) or empty for content-hash keys (the key is the content). Adding, removing or
-changing a sample changes it; re-ordering does not.
+Content id (per sample; what the prediction cache compares before reusing a sample's prediction), chosen by
+``data.fingerprint``:
+- ``stat`` (default): for a file (image folders, path-keyed HF rows that point at files)
+  ``stat:<size>:<mtime_ns>:<inode>``. An edit in place changes the size or the modification time; a swap
+  of two files by renaming changes the inode behind each path even when sizes and times are equal. Cheap
+  (one stat per file), but copying or moving the data elsewhere (new inodes) re-predicts it all;
+- ``content``: ``sha256:<32 hex>`` of the file's bytes: survives copying, catches edits whose
+  modification time was restored (``touch -r``, ``rsync -t``); costs one full read of the data per load.
+- HF rows that carry their bytes: the sha256 of the bytes in ``content`` mode or when the dataset lives
+  in memory; in ``stat`` mode, the byte length plus a stat of the dataset's Arrow files (re-saving the
+  dataset re-predicts it, a same-size swap inside it cannot go unnoticed);
+- empty for content-hash keys (IDX, arrays, HF rows without unique paths): the key is the content.
+Fingerprint: sha256 over the sorted ``key<TAB>content id`` lines. Adding, removing or changing a sample
+changes it; re-ordering does not.
 
 Corrupt or truncated images: ``load_image`` raises ``CorruptImageError`` naming the file (or key);
 ``scan_images(table)`` lists every bad one up front. ``TableDataset`` (teacher cache, evaluation)
@@ -237,6 +248,48 @@ def dedupe_content_keys(digests: Sequence[str], labels: Sequence[int], paths: Se
     return keys
 
 
+# ---------------------------------------------------------------------------------------- content ids
+
+FINGERPRINT_MODES = ("stat", "content")
+"""Valid ``data.fingerprint`` values (see the module docstring)."""
+_HASH_THREADS = 8  # file hashing is I/O bound and hashlib releases the GIL: a few threads overlap the reads
+
+
+def _check_fingerprint_mode(mode: str) -> None:
+    if mode not in FINGERPRINT_MODES:
+        raise UserError(f"data.fingerprint={mode!r} must be one of {', '.join(FINGERPRINT_MODES)}")
+
+
+def _file_stat_id(path: str | os.PathLike) -> str:
+    info = os.stat(path)
+    return f"stat:{info.st_size}:{info.st_mtime_ns}:{info.st_ino}"
+
+
+def _file_content_hash(path: str | os.PathLike) -> str:
+    with open(path, "rb") as handle:
+        return CONTENT_KEY_PREFIX + hashlib.file_digest(handle, "sha256").hexdigest()[:_CONTENT_KEY_HEX]
+
+
+def file_content_ids(paths: Sequence[str | os.PathLike], mode: str) -> list[str]:
+    """The content id of each file (see the module docstring): a stat id, or the sha256 of its bytes."""
+    _check_fingerprint_mode(mode)
+    one = _file_stat_id if mode == "stat" else _file_content_hash
+
+    def identify(path: str | os.PathLike) -> str:
+        try:
+            return one(path)
+        except OSError as error:
+            raise UserError(f"cannot read {str(path)!r} to fingerprint the dataset: {error}") from None
+
+    if mode == "stat" or len(paths) < 2:
+        return [identify(path) for path in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    log.info("hashing the contents of %d files (data.fingerprint=content)", len(paths))
+    with ThreadPoolExecutor(max_workers=min(_HASH_THREADS, len(paths))) as pool:
+        return list(pool.map(identify, paths))
+
+
 # ------------------------------------------------------------------------------------------- classes
 
 
@@ -337,6 +390,7 @@ class SourceSplit:
             class_names=tuple(self.class_names),
             load_image=loader,
             fingerprint=self.fingerprint(positions),
+            content_ids=list(self.content_ids) if positions is None else [self.content_ids[p] for p in positions],
         )
 
 
@@ -379,6 +433,13 @@ class Source:
     """A place samples come from, holding one or more named splits."""
 
     description: str = ""
+    fingerprint: str = "stat"  # how content ids are made: one of FINGERPRINT_MODES (set with `with_fingerprint`)
+
+    def with_fingerprint(self, mode: str) -> Source:
+        """Make content ids by `mode` ("stat" or "content"); returns self."""
+        _check_fingerprint_mode(mode)
+        self.fingerprint = mode
+        return self
 
     def split_names(self) -> list[str]:
         raise NotImplementedError
@@ -583,8 +644,8 @@ class ImageFolderSource(Source):
             id_of = {name: i for i, name in enumerate(class_names)}
         labels = np.array([UNKNOWN_LABEL if raw is None else id_of[raw] for raw in raw_labels], dtype=np.int64)
         keys = [path.relative_to(self.root).as_posix() for path in files]
-        sizes = [str(path.stat().st_size) for path in files]
-        return SourceSplit(keys, sizes, labels, tuple(class_names), FileImageLoader([str(p) for p in files]))
+        content_ids = file_content_ids(files, self.fingerprint)
+        return SourceSplit(keys, content_ids, labels, tuple(class_names), FileImageLoader([str(p) for p in files]))
 
 
 # ---------------------------------------------------------------------------------------- MNIST IDX
@@ -793,11 +854,47 @@ def _hf_content_digests(dataset: Any, column: str) -> list[str]:
     return digests
 
 
+def _arrow_files_id(dataset: Any) -> str | None:
+    """A stat id over the Arrow files that hold `dataset` (None for a dataset held in memory)."""
+    files = sorted({entry["filename"] for entry in getattr(dataset, "cache_files", None) or []})
+    if not files:
+        return None
+    return hashlib.sha256("\n".join(f"{name}\t{_file_stat_id(name)}" for name in files).encode()).hexdigest()[:32]
+
+
+def _hf_path_content_ids(dataset: Any, column: str, paths: Sequence[str], sizes: Sequence[int | None],
+                         mode: str) -> list[str]:
+    """Content ids of path-keyed rows: files by `file_content_ids`; rows that carry their bytes by the bytes'
+    sha256 (``content`` mode, or a dataset in memory) or by length + the Arrow files' stat id."""
+    container = _arrow_files_id(dataset) if mode == "stat" else None
+    on_disk = [i for i, size in enumerate(sizes) if size is None and os.path.isfile(paths[i])]
+    ids = [""] * len(paths)
+    for i, content in zip(on_disk, file_content_ids([paths[i] for i in on_disk], mode), strict=True):
+        ids[i] = content
+    embedded = [i for i, size in enumerate(sizes) if size is not None]
+    if container is not None:
+        for i in embedded:
+            ids[i] = f"arrow:{container}:{sizes[i]}"
+    elif embedded:
+        digests = _hf_content_digests(dataset, column)
+        for i in embedded:
+            ids[i] = digests[i]
+    return ids
+
+
 def hf_split(
-    dataset: Any, *, image_column: str, label_column: str | None, classes: ClassSpace | None, where: str
+    dataset: Any,
+    *,
+    image_column: str,
+    label_column: str | None,
+    classes: ClassSpace | None,
+    where: str,
+    fingerprint: str = "stat",
 ) -> SourceSplit:
-    """A SourceSplit over one `datasets.Dataset` (keys, labels, lazy image decoding)."""
+    """A SourceSplit over one `datasets.Dataset` (keys, labels, content ids, lazy image decoding)."""
     from datasets import Image as ImageFeature
+
+    _check_fingerprint_mode(fingerprint)
 
     image_column, label_column = _pick_columns(dataset, image_column, label_column, where)
     if not isinstance(dataset.features[image_column], ImageFeature):
@@ -807,10 +904,7 @@ def hf_split(
     paths, sizes = _hf_key_material(dataset, image_column)
     if all(paths) and len(set(paths)) == len(paths):
         keys = [str(p) for p in paths]
-        content_ids = [
-            str(size) if size is not None else (str(os.path.getsize(p)) if os.path.isfile(p) else "")
-            for p, size in zip(keys, sizes, strict=True)
-        ]
+        content_ids = _hf_path_content_ids(dataset, image_column, keys, sizes, fingerprint)
     else:
         digests = _hf_content_digests(dataset, image_column)
         keys = dedupe_content_keys(digests, labels, [p or "" for p in paths])
@@ -851,6 +945,7 @@ class HFDiskSource(Source):
             label_column=self.label_column,
             classes=self.classes,
             where=f"{self.description} split {split!r}",
+            fingerprint=self.fingerprint,
         )
 
 
@@ -918,6 +1013,7 @@ class HubSource(Source):
             label_column=self.label_column,
             classes=self.classes,
             where=f"{self.description} split {split!r}",
+            fingerprint=self.fingerprint,
         )
 
     def _load(self, split: str) -> Any:
