@@ -29,6 +29,8 @@ class DataConfig:
     holdout_fraction: float = 0.2  # sources with one split only: held-out test part (fixed seed)
     image_size: int = 224  # student input size
     num_workers: int = 2
+    # --- input pipeline (data/device.py) ---
+    pipeline: str = "cpu"  # cpu: workers decode + augment (PIL); device: the accelerator does; auto: device on CUDA
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,10 @@ class TeacherConfig:
     shard_size: int = 8192
     num_workers: int | None = None  # decoding workers for the cache build; None: data.num_workers
     cache_dir: str | None = None  # None: $ZSA_CACHE_DIR or ~/.cache/zeroshot-adapt
+    # --- model-side speed (models/acceleration.py) ---
+    precision: str = "fp16"  # autocast of the cache build on CUDA: fp16 | bf16 | fp32 (CPU: always fp32)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the image tower in place
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,9 @@ class StudentConfig:
     arch: str = "resnet50"  # any timm model name
     pretrained: str | None = None  # None: random init; a timm tag ("timm"), or a local checkpoint path
     ema_momentum: float = 0.999  # EMAN teacher
+    # --- model-side speed (models/acceleration.py); precision is optim.mixed_precision ---
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the student and the EMAN teacher in place
 
 
 @dataclass(frozen=True)
@@ -205,6 +214,9 @@ CONSTRAINTS: dict[str, Constraint] = {
     "run_dir": Constraint(non_empty=True),
     "checkpoint_every_steps": at_least(1),
     "eval_every_epochs": at_least(1),
+    # --- input pipeline and model-side speed ---
+    "data.pipeline": Constraint(choices=("cpu", "device", "auto")),
+    "teacher.precision": Constraint(choices=("fp16", "bf16", "fp32")),
 }
 """Valid values per dotted key. Every int / float field must have an entry (a test checks it)."""
 
@@ -225,6 +237,7 @@ CLI_FLAGS: dict[str, str] = {
     "ssl.long_tail_ratio": "--long-tail",
     "run_dir": "--run-dir",
     "seed": "--seed",
+    "data.pipeline": "--pipeline",
 }
 """The `zsa` flag that sets each key (cli.py builds its flags from this table; errors name both)."""
 

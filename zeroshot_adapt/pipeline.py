@@ -170,7 +170,7 @@ def cache_identity(config: RunConfig, table: SampleTable, prompts: PromptSet) ->
     from zeroshot_adapt.teacher.clip import preprocess_description, resolve_weights
 
     weights = resolve_weights(config.teacher.model, config.teacher.pretrained)
-    return {
+    identity = {
         "model": weights.model_name,
         "weights": weights.weights_id,
         "templates": list(prompts.templates),
@@ -181,6 +181,19 @@ def cache_identity(config: RunConfig, table: SampleTable, prompts: PromptSet) ->
         "num_samples": len(table),
         "preprocess": preprocess_description(weights),
     }
+    # Recorded only where they differ from the defaults, so caches built before these options still match.
+    if teacher_pipeline(config) == "device":
+        identity["input_pipeline"] = "device"  # nvJPEG / tensor resize: pixels differ slightly from PIL's
+    if config.teacher.precision != "fp16":
+        identity["precision"] = config.teacher.precision
+    return identity
+
+
+def teacher_pipeline(config: RunConfig) -> str:
+    """The cache build's input pipeline: data.pipeline with ``auto`` resolved for this machine."""
+    from zeroshot_adapt.data.device import resolve_pipeline
+
+    return resolve_pipeline(config.data.pipeline, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def teacher_predictions(config: RunConfig, split: str = "train", *, progress: bool = True) -> TeacherPredictions:
@@ -201,12 +214,17 @@ def teacher_predictions(config: RunConfig, split: str = "train", *, progress: bo
 def _build_teacher_cache(config, table, prompts, identity, root, *, progress: bool) -> PredictionCache:
     from accelerate import PartialState
 
+    from zeroshot_adapt.launch import check_launch, use_cpu
+    from zeroshot_adapt.models.acceleration import prepare_module
     from zeroshot_adapt.teacher.classifier import zeroshot_classifier
     from zeroshot_adapt.teacher.clip import load_clip
-    from zeroshot_adapt.teacher.predict import predict_indices
+    from zeroshot_adapt.teacher.predict import predict_indices, predict_indices_device
 
-    state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo multi-process on CPU
+    check_launch()
+    state = PartialState(cpu=use_cpu())  # cpu=True: gloo multi-process on CPU
     clip = load_clip(config.teacher.model, config.teacher.pretrained, device=state.device)
+    prepare_module(clip.model.visual, channels_last=config.teacher.channels_last, compile=config.teacher.compile)
+    predict = predict_indices_device if teacher_pipeline(config) == "device" else predict_indices
     classifier = zeroshot_classifier(clip.model, clip.tokenizer, prompts, state.device)
     log.info(
         "building the CLIP cache for %s/%s (%d images, %s, %s) in %s",
@@ -214,7 +232,7 @@ def _build_teacher_cache(config, table, prompts, identity, root, *, progress: bo
     )
 
     def compute(indices: np.ndarray) -> dict[str, np.ndarray]:
-        return predict_indices(
+        return predict(
             clip,
             classifier,
             table,
@@ -222,6 +240,7 @@ def _build_teacher_cache(config, table, prompts, identity, root, *, progress: bo
             batch_size=config.teacher.batch_size,
             num_workers=config.data.num_workers if config.teacher.num_workers is None else config.teacher.num_workers,
             device=state.device,
+            precision=config.teacher.precision,
         )
 
     return build_cache(
@@ -437,15 +456,17 @@ def adapt(
     from accelerate.utils import set_seed
 
     from zeroshot_adapt.algorithms import ALGORITHMS
-    from zeroshot_adapt.data.datasets import LabeledViews, UnlabeledViews
     from zeroshot_adapt.data.transforms import build_transforms
+    from zeroshot_adapt.launch import check_launch, use_cpu
+    from zeroshot_adapt.models.acceleration import prepare_module
     from zeroshot_adapt.models.student import EmanTeacher, create_student
     from zeroshot_adapt.reports.plots import plot_confusion, plot_pseudo_label_distribution
     from zeroshot_adapt.train import LoopSettings, train
 
     run_dir = Path(config.run_dir)
+    check_launch()
     accelerator = Accelerator(mixed_precision=config.optim.mixed_precision, log_with=config.log_with,
-                              project_dir=str(run_dir), cpu=not torch.cuda.is_available())
+                              project_dir=str(run_dir), cpu=use_cpu())
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         check_resume_config(config, run_dir)
@@ -460,16 +481,15 @@ def adapt(
     spec = get_spec(config.data.dataset)
     transforms = build_transforms(config.data.image_size, recipe="auto", hflip=spec.hflip)
     num_views = 2 if config.algorithm.multiview else 1
-    labeled = LabeledViews(data.train, data.labeled_indices, data.labeled_targets, transforms.weak)
-    unlabeled = UnlabeledViews(
-        data.train, data.unlabeled_indices, transforms.weak, transforms.strong, num_views=num_views,
-        clip_label=data.clip_label, clip_confidence=data.clip_confidence,
-    )
+    labeled, unlabeled, batch_pipeline = training_views(config, data, transforms, num_views, accelerator.device)
     # Seed here, after the data stage: building a missing CLIP cache consumes the global RNG, and the
     # student's initial weights must not depend on whether the cache already existed.
     set_seed(config.seed)
     student = create_student(config.student.arch, data.num_classes, config.student.pretrained)
+    prepare_module(student, channels_last=config.student.channels_last)
     ema = EmanTeacher(student)
+    for model in (student, ema.module):  # compiled in place after the copy: state_dict keys stay plain
+        prepare_module(model, compile=config.student.compile)
     def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:  # the class prior's batch mean, across processes
         return accelerator.reduce(tensor, reduction="mean") if accelerator.num_processes > 1 else tensor
 
@@ -492,6 +512,7 @@ def adapt(
         accelerator=accelerator, student=student, ema=ema, algorithm=algorithm,
         labeled=labeled if len(labeled) else None, unlabeled=unlabeled, settings=settings,
         num_classes=data.num_classes, run_dir=run_dir, evaluate=evaluate, stop_after_steps=stop_after_steps,
+        batch_pipeline=batch_pipeline,
     )
     report: dict[str, Any] = {
         "dataset": config.data.dataset,
@@ -524,6 +545,30 @@ def adapt(
         torch.save(accelerator.unwrap_model(student).state_dict(), run_dir / "student.pt")
     accelerator.end_training()
     return report
+
+
+def training_views(config: RunConfig, data: TrainingData, transforms, num_views: int, device: torch.device):
+    """(labeled dataset, unlabeled dataset, batch pipeline) for ``data.pipeline``: the CPU pipeline's PIL
+    views (batch pipeline None: the loop's plain host-to-device copy), or the device pipeline's encoded
+    items and the DeviceViews that decodes and augments them on ``device``."""
+    from zeroshot_adapt.data.datasets import LabeledViews, UnlabeledViews
+    from zeroshot_adapt.data.device import DeviceViews, EncodedLabeledViews, EncodedUnlabeledViews, resolve_pipeline
+
+    if resolve_pipeline(config.data.pipeline, device) == "device":
+        labeled = EncodedLabeledViews(data.train, data.labeled_indices, data.labeled_targets, transforms.spec)
+        unlabeled = EncodedUnlabeledViews(
+            data.train, data.unlabeled_indices, transforms.spec, num_views=num_views,
+            clip_label=data.clip_label, clip_confidence=data.clip_confidence,
+        )
+        views = DeviceViews(transforms.spec, transforms.mean, transforms.std,
+                            channels_last=config.student.channels_last)
+        return labeled, unlabeled, views
+    labeled = LabeledViews(data.train, data.labeled_indices, data.labeled_targets, transforms.weak)
+    unlabeled = UnlabeledViews(
+        data.train, data.unlabeled_indices, transforms.weak, transforms.strong, num_views=num_views,
+        clip_label=data.clip_label, clip_confidence=data.clip_confidence,
+    )
+    return labeled, unlabeled, None
 
 
 _RESUME_SENSITIVE = ("data", "teacher", "pseudo", "algorithm", "student", "optim", "ssl", "seed")

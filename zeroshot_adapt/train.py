@@ -33,7 +33,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from zeroshot_adapt.algorithms.base import Algorithm, Batch, LabeledBatch, UnlabeledBatch
+from zeroshot_adapt.data.device import batch_feed
 from zeroshot_adapt.data.sampling import SeededItems, StepBatchSampler
+from zeroshot_adapt.data.workers import plan_stream_workers
 from zeroshot_adapt.fileio import atomic_write
 from zeroshot_adapt.pseudo_labels import class_imbalance_ratio
 from zeroshot_adapt.schedules import warmup_cosine
@@ -203,6 +205,7 @@ def _loader(dataset: Dataset, sampler: StepBatchSampler, num_workers: int, seed:
         pin_memory=pin,
         generator=generator,
         persistent_workers=False,
+        collate_fn=getattr(dataset, "collate_fn", None),  # the device pipeline's encoded items bring their own
     )
 
 
@@ -219,6 +222,7 @@ def train(
     run_dir: str | Path,
     evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
     stop_after_steps: int | None = None,
+    batch_pipeline: Callable[[Any, Any, torch.device], Batch] | None = None,
 ) -> TrainResult:
     """Train `student` until `settings.total_steps`, resuming from `run_dir/checkpoints/last.pt` if present.
 
@@ -226,6 +230,9 @@ def train(
     entries go into the epoch record, and the last epoch's full reports are returned in the result.
     stop_after_steps: return (with a checkpoint) once this many optimizer steps ran in this call —
     what a preempted job looks like; used by the resume tests.
+    batch_pipeline: (labeled loader batch, unlabeled loader batch, device) -> Batch; None: copy the loaders'
+    tensors (the CPU pipeline). The device pipeline passes data.device.DeviceViews (decode + augment on the
+    device). Either way the next micro-batch is prepared while the current one computes (data.device.batch_feed).
     """
     run_dir = Path(run_dir)
     checkpoint_path = run_dir / "checkpoints" / CHECKPOINT_NAME
@@ -293,11 +300,10 @@ def train(
             )
         accelerator.wait_for_everyone()
 
-    # Workers split between the two streams by their share of the image work: a labeled item is one
-    # weak view, an unlabeled item two views (weak + strong) per view pair, mu times as many items.
-    unlabeled_work = 2 * settings.mu
-    labeled_workers = 0 if settings.num_workers == 0 else max(1, round(settings.num_workers / (1 + unlabeled_work)))
-    unlabeled_workers = 0 if settings.num_workers == 0 else max(1, settings.num_workers - labeled_workers)
+    # Workers split between the two streams by their measured cost per step (data/workers.py).
+    labeled_workers, unlabeled_workers = plan_stream_workers(
+        settings.num_workers, [(labeled, micro_batch), (unlabeled, micro_batch * settings.mu)]
+    )
 
     def micro_loader(dataset: Dataset | None, per_step: int, stream: int, workers: int):
         if dataset is None or len(dataset) == 0 or per_step == 0:
@@ -319,6 +325,7 @@ def train(
     unlabeled_iter = micro_loader(unlabeled, micro_batch * settings.mu, UNLABELED_STREAM, unlabeled_workers)
     if labeled_iter is None and unlabeled_iter is None:
         raise ValueError("nothing to train on: both the labeled and the unlabeled set are empty")
+    feed = batch_feed(labeled_iter, unlabeled_iter, batch_pipeline or _to_batch, device)
 
     steps_this_call = 0
     student.train()
@@ -330,9 +337,7 @@ def train(
     with _StopFlag() as stop:
         while step < settings.total_steps:
             for micro in range(micro_batches):
-                lab = next(labeled_iter) if labeled_iter is not None else None
-                unl = next(unlabeled_iter) if unlabeled_iter is not None else None
-                batch = _to_batch(lab, unl, device)
+                batch = next(feed)
                 sync = micro == micro_batches - 1
                 context = contextlib.nullcontext() if sync else accelerator.no_sync(student)
                 with context:

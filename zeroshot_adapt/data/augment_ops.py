@@ -428,9 +428,9 @@ def _shear_degrees(factor: float) -> float:
     return math.degrees(math.atan(factor))
 
 
-# PIL's affine maps output pixel centers to input ones about the top-left corner: torchvision's `center`
-# of (0.5, 0.5) px reproduces it (checked against PIL in tests/test_device_pipeline.py).
-_PIL_ORIGIN = [0.5, 0.5]
+# PIL's affine matrix acts about the image's top-left corner: torchvision's affine with center (0, 0)
+# reproduces PIL's nearest-neighbour shear and translate exactly (tests/test_device_pipeline.py).
+_PIL_ORIGIN = [0.0, 0.0]
 
 
 def _tensor_affine(images: Tensor, *, translate=(0.0, 0.0), shear=(0.0, 0.0)) -> Tensor:
