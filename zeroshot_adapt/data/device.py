@@ -341,13 +341,16 @@ class DeviceViews:
         self.recipe, self.mean, self.std, self.channels_last = recipe, tuple(mean), tuple(std), channels_last
         self.decode_failures = 0
 
+    def decode(self, encoded: list[EncodedImage], device: torch.device) -> DecodedImages:
+        return decode_images(encoded, device)
+
     def _views(self, images: list[Tensor], params: BatchParams) -> Tensor:
         rendered = render_batch(images, params, self.recipe)
         return normalize_batch(rendered, self.mean, self.std, channels_last=self.channels_last)
 
     def __call__(self, labeled: dict | None, unlabeled: dict | None, device: torch.device) -> Batch:
         encoded = (labeled["image"] if labeled is not None else []) + (unlabeled["image"] if unlabeled else [])
-        decoded = decode_images(encoded, device)
+        decoded = self.decode(encoded, device)
         self.decode_failures += len(decoded.failures)
         split = len(labeled["image"]) if labeled is not None else 0
         lab = unl = None
