@@ -77,6 +77,7 @@ from torch import nn
 
 from zeroshot_adapt.algorithms import ALGORITHMS
 from zeroshot_adapt.config import AlgorithmConfig, OptimConfig, StudentConfig
+from zeroshot_adapt.data.augment_ops import sample_view
 from zeroshot_adapt.data.datasets import LabeledViews, UnlabeledViews
 from zeroshot_adapt.data.device import (
     DeviceViews,
@@ -470,10 +471,11 @@ def worker_side(ctx: Context, table, pipeline: str) -> dict[str, float]:
                     view(image)
                 seconds["decode"] += t2 - t1
                 seconds["augment"] += time.perf_counter() - t2
-            else:
-                t2 = time.perf_counter()
-                dataset[position % len(dataset)]  # read + header + parameter draws (the worker's whole job)
-                seconds["augment"] += max(0.0, time.perf_counter() - t2 - (t1 - t0))
+            else:  # the worker's remaining job: drawing every view's parameters
+                spec, views = ctx.views.spec, (1 if name == "labeled" else 2 * ctx.num_views)
+                for view in range(views):
+                    sample_view(spec, encoded.height, encoded.width, strong=view % 2 == 1)
+                seconds["augment"] += time.perf_counter() - t1
         for phase in WORKER_PHASES:
             totals[phase] += seconds[phase] / WORKER_SAMPLE * per_step[name]
     return {phase: round(1e3 * value, 2) for phase, value in totals.items()}
