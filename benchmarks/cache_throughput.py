@@ -1,33 +1,40 @@
 """Throughput of the teacher's prediction-cache build against a bare forward pass of the same model.
 
-Subject: the real build, ``build_cache`` + ``predict_indices`` as ``pipeline._build_teacher_cache`` runs
-it: DataLoader workers decode JPEGs and apply CLIP's eval preprocessing, the model encodes, zero-shot
-logits and max-softmax are computed, shards are written (atomic, fsync'd) and merged into the cache.
-Swept over ``--workers`` (and ``--shard-size``: ``predict_indices`` builds a new DataLoader per shard).
+Subject: the real build, ``build_cache`` + ``predict_indices`` (CPU pipeline: DataLoader workers decode JPEGs
+with PIL and apply CLIP's eval preprocessing) or ``predict_indices_device`` (device pipeline: workers read
+the files, the device decodes the batch with ``torchvision.io.decode_jpeg`` and preprocesses it with tensor
+ops while the previous batch encodes), as ``pipeline._build_teacher_cache`` runs it; zero-shot logits and
+max-softmax are computed, shards are written (atomic, fsync'd) and merged into the cache. Swept over
+``--pipeline``, ``--workers`` and ``--shard-size``.
 
 Baseline, same process, interleaved with every subject run: ``encode_image`` + normalize + zero-shot
 logits + softmax/argmax on tensors that were decoded and preprocessed beforehand and sit in memory
-(on the device), in batches of the same size: the most the model itself can do.
+(on the device), in batches of the same size, same precision and memory format: the most the model itself
+can do.
 
-ratio = subject images/s / baseline images/s, paired per repeat (baseline run right before each
-subject run), median over repeats. The breakdown says where the rest goes:
+ratio = subject images/s / baseline images/s, paired per repeat (baseline runs right before and after
+each subject run), median over repeats. The per-phase breakdown (ms per image, worker-less, per pipeline):
 
-- decode + preprocess per image, in a worker-less pass (``TableDataset`` items, the workers' code path);
-- model time per image (the baseline);
-- shard writing + merging + key index per run (``build_cache`` total minus the time inside ``compute``).
+- read: the file read (both pipelines' workers do it);
+- decode: PIL decode in a worker (CPU pipeline) or the batched device decode (device pipeline);
+- preprocess: CLIP's eval resize / crop / normalize (PIL in a worker, or tensor ops on the device);
+- transfer: host-to-device copy of the preprocessed float batch (CPU pipeline) or of the encoded bytes
+  (device pipeline; the decode itself reads them from pinned host memory);
+- forward: the bare model time per image (the baseline);
+- write + merge: ``build_cache`` total minus the time inside ``compute``.
 
 The teacher's weights are random (``pretrained="none"``; no downloads) and its classifier is a random
 unit-norm [D, C] matrix: neither changes the cost of a build, and the text tower runs once per build,
 outside what is measured here.
 
-CPU-sized default (about 7 minutes on 2 busy cores)::
+CPU-sized default (tiny teacher, 1000 synthetic 224-px JPEGs, both pipelines at 0, 1 and 2 workers)::
 
-    python benchmarks/cache_throughput.py
+    python benchmarks/cache_throughput.py --threads 1
 
-GPU (RN50 at 224 px, the paper's teacher; decoding needs many workers to keep up)::
+GPU (RN50 at 224 px, the paper's teacher, ImageNet-like JPEG sizes; see gpu.sh)::
 
-    python benchmarks/cache_throughput.py --model RN50-quickgelu --images 20000 --batch-size 256 \
-        --workers 0 4 8 16 --source-size 320
+    python benchmarks/cache_throughput.py --model RN50-quickgelu --images 8192 --source-size 400 \
+        --size-jitter 0.25 --batch-size 256 --workers 4 15 --pipeline cpu device --precision fp16 --channels-last
 
 Writes ``benchmarks/results/cache_throughput.json`` (``runs[<setting>]``; other settings are kept).
 """
@@ -50,6 +57,7 @@ from common import (
     RESULTS_DIR,
     benchmark_images,
     command_line,
+    default_processes,
     load_average,
     machine_info,
     median,
@@ -66,17 +74,22 @@ from common import (
 from zeroshot_adapt.cache import build_cache
 from zeroshot_adapt.config import TeacherConfig
 from zeroshot_adapt.data.datasets import TableDataset
+from zeroshot_adapt.data.device import EncodedItems, TensorPreprocess, decode_images
 from zeroshot_adapt.demo.tiny_clip import register_tiny_clip
+from zeroshot_adapt.models.acceleration import inference_autocast, prepare_module
 from zeroshot_adapt.teacher.classifier import zeroshot_logits
 from zeroshot_adapt.teacher.clip import ClipModel, load_clip
-from zeroshot_adapt.teacher.predict import predict_indices
+from zeroshot_adapt.teacher.predict import predict_indices, predict_indices_device
 
 RESULTS_PATH = RESULTS_DIR / "cache_throughput.json"
 DESCRIPTION = (
-    "images/s of the full teacher cache build (build_cache + predict_indices: DataLoader decoding, CLIP "
-    "encode_image, zero-shot logits, shard writes, merge) vs a bare forward pass of the same model on "
-    "pre-decoded in-memory tensors, same process, interleaved; ratio = build / bare, median of paired repeats"
+    "images/s of the full teacher cache build (build_cache + predict_indices (CPU pipeline: workers decode) or "
+    "predict_indices_device (device pipeline: the device decodes and preprocesses batches); CLIP encode_image, "
+    "zero-shot logits, shard writes, merge) vs a bare forward pass of the same model on pre-decoded in-memory "
+    "tensors, same process, interleaved; ratio = build / bare, median of paired repeats"
 )
+PIPELINES = {"cpu": predict_indices, "device": predict_indices_device}
+PHASE_SAMPLE = 256  # images in the worker-less per-phase pass
 GOAL_RATIO = 0.9
 SMALL_SHARD = 256  # default sweep: the project's shard size and one batch per shard (worst case for restarts)
 MAX_PRELOAD_BYTES = 2 << 30  # keep at most this much of pre-decoded tensors for the baseline (then cycle)
@@ -97,6 +110,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--shard-size", type=int, nargs="+", default=[teacher.shard_size, SMALL_SHARD],
         help="samples per cache shard to sweep (predict_indices starts new workers for every shard)",
     )
+    parser.add_argument("--size-jitter", type=float, default=0.0,
+                        help="synthetic JPEG sides drawn from size * [1 - j, 1 + j] (ImageNet-like variety)")
+    parser.add_argument("--pipeline", nargs="+", default=["cpu", "device"], choices=sorted(PIPELINES),
+                        help="input pipelines to sweep (data.pipeline)")
+    parser.add_argument("--precision", default=teacher.precision, choices=("fp16", "bf16", "fp32"),
+                        help="teacher autocast on CUDA (teacher.precision)")
+    parser.add_argument("--channels-last", action="store_true", help="teacher.channels_last")
+    parser.add_argument("--compile", action="store_true", help="teacher.compile (torch.compile the image tower)")
     parser.add_argument("--classes", type=int, default=10, help="zero-shot classes (width of the logits)")
     parser.add_argument("--repeats", type=int, default=5, help="bracketed builds per setting")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -142,14 +163,18 @@ def decode_pass(dataset: TableDataset, keep: int) -> tuple[list[float], list[tor
     return seconds, tensors
 
 
-def make_batches(tensors: list[torch.Tensor], batch_size: int, device: torch.device) -> list[torch.Tensor]:
-    return [torch.stack(tensors[i : i + batch_size]).to(device) for i in range(0, len(tensors), batch_size)]
+def make_batches(
+    tensors: list[torch.Tensor], batch_size: int, device: torch.device, channels_last: bool = False
+) -> list[torch.Tensor]:
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return [torch.stack(tensors[i : i + batch_size]).to(device).contiguous(memory_format=memory_format)
+            for i in range(0, len(tensors), batch_size)]
 
 
 @torch.no_grad()
 def bare_forward(
     clip: ClipModel, classifier: torch.Tensor, batches: list[torch.Tensor], num_images: int, batch_size: int,
-    device: torch.device,
+    device: torch.device, precision: str = "fp16",
 ) -> float:
     """Seconds for `num_images` images through encode_image + zero-shot logits + max-softmax, in batches of
     `batch_size` cycled from the pre-decoded `batches`; the same math (and autocast) as predict_indices."""
@@ -161,7 +186,7 @@ def bare_forward(
         images = batches[which % len(batches)]
         take = min(len(images), num_images - done)
         images = images[:take]
-        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+        with inference_autocast(device, precision):
             features = clip.model.encode_image(images)
         features = F.normalize(features.float(), dim=-1)
         logits = zeroshot_logits(features, classifier, scale)
@@ -174,16 +199,18 @@ def bare_forward(
 
 def cache_build(
     clip: ClipModel, classifier: torch.Tensor, table, *, batch_size: int, workers: int, shard_size: int,
-    device: torch.device, root: Path, tag: str,
+    device: torch.device, root: Path, tag: str, pipeline: str = "cpu", precision: str = "fp16",
 ) -> dict[str, float]:
     """One complete cache build in a fresh directory; {"total_s", "compute_s", "write_merge_s"}."""
     compute_seconds = 0.0
+    predict = PIPELINES[pipeline]
 
     def compute(indices: np.ndarray) -> dict[str, np.ndarray]:
         nonlocal compute_seconds
         start = time.perf_counter()
-        arrays = predict_indices(
-            clip, classifier, table, indices, batch_size=batch_size, num_workers=workers, device=device
+        arrays = predict(
+            clip, classifier, table, indices, batch_size=batch_size, num_workers=workers, device=device,
+            precision=precision,
         )
         compute_seconds += time.perf_counter() - start
         return arrays
@@ -197,6 +224,56 @@ def cache_build(
     return {"total_s": total, "compute_s": compute_seconds, "write_merge_s": total - compute_seconds}
 
 
+@torch.no_grad()
+def phase_breakdown(
+    clip: ClipModel, table, pipeline: str, *, batch_size: int, device: torch.device, channels_last: bool,
+) -> dict[str, float]:
+    """ms per image of read / decode / preprocess / transfer for one pipeline, worker-less, on the first
+    PHASE_SAMPLE images in batches of `batch_size` (the device is synchronized around each phase)."""
+    from zeroshot_adapt.data.sources import decode_image
+
+    items = EncodedItems(table, np.arange(min(len(table), PHASE_SAMPLE)))
+    paths = [table.load_image.paths[int(i)] for i in items.indices]
+    preprocess = TensorPreprocess.from_transform(clip.preprocess)
+    totals = {"read": 0.0, "decode": 0.0, "preprocess": 0.0, "transfer": 0.0}
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        t0 = time.perf_counter()
+        if pipeline == "cpu":
+            raw = [Path(p).read_bytes() for p in chunk]
+            t1 = time.perf_counter()
+            images = [decode_image(data, name) for data, name in zip(raw, chunk, strict=True)]
+            t2 = time.perf_counter()
+            batch = torch.stack([clip.preprocess(image) for image in images])
+            t3 = time.perf_counter()
+            batch.to(device)
+            synchronize(device)
+            t4 = time.perf_counter()
+            totals["read"] += t1 - t0
+            totals["decode"] += t2 - t1
+            totals["preprocess"] += t3 - t2
+            totals["transfer"] += t4 - t3
+        else:
+            encoded = [items[i]["image"] for i in range(start, start + len(chunk))]  # read + header
+            t1 = time.perf_counter()
+            for item in encoded:  # what decode_jpeg(device="cuda") copies: the encoded bytes
+                if item.kind == "jpeg":
+                    torch.frombuffer(bytearray(item.data), dtype=torch.uint8).to(device)
+            synchronize(device)
+            t2 = time.perf_counter()
+            decoded = decode_images(encoded, device)  # (copies the bytes again: transfer is counted twice)
+            synchronize(device)
+            t3 = time.perf_counter()
+            preprocess(decoded.images, channels_last=channels_last)
+            synchronize(device)
+            t4 = time.perf_counter()
+            totals["read"] += t1 - t0
+            totals["transfer"] += t2 - t1
+            totals["decode"] += t3 - t2
+            totals["preprocess"] += t4 - t3
+    return {name: round(1e3 * value / len(paths), 4) for name, value in totals.items()}
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -207,11 +284,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     machine = machine_info(device)
     workdir = scratch_dir(args.tmp_dir)
     try:
-        paths, image_source = benchmark_images(args.data, args.images, args.source_size, args.classes, workdir)
+        paths, image_source = benchmark_images(args.data, args.images, args.source_size, args.classes, workdir,
+                                               jitter=args.size_jitter, processes=default_processes())
         num_images = len(paths)
         labels = np.arange(num_images) % args.classes
         table = table_from_paths(paths, labels, args.classes)
         clip = load_clip(args.model, "none", device=device)
+        prepare_module(clip.model.visual, channels_last=args.channels_last, compile=args.compile)
         classifier = random_classifier(clip, args.classes, device)
         side = image_side(clip)
         print(f"{args.model} at {side}px on {device}; {image_source}; batch {args.batch_size}", flush=True)
@@ -221,38 +300,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         per_tensor = 3 * side * side * 4
         keep = max(args.batch_size, min(num_images, MAX_PRELOAD_BYTES // per_tensor))
         decode_seconds, tensors = decode_pass(dataset, keep)
-        batches = make_batches(tensors, args.batch_size, device)
+        batches = make_batches(tensors, args.batch_size, device, args.channels_last)
         del tensors
         decode_ms = 1e3 * median(decode_seconds)
         decode_mean_ms = 1e3 * float(np.mean(decode_seconds))
         print(f"decode + preprocess, no workers: {decode_ms:.2f} ms/image (median), {decode_mean_ms:.2f} mean")
 
         # Warm-up: the model (allocator, kernels) and one small build (imports in the workers' parent).
-        bare_forward(clip, classifier, batches, min(num_images, 2 * args.batch_size), args.batch_size, device)
+        forward = (clip, classifier, batches)
+        bare_forward(*forward, min(num_images, 2 * args.batch_size), args.batch_size, device, args.precision)
         warm = table.subset(np.arange(min(num_images, args.batch_size)))
-        cache_build(clip, classifier, warm, batch_size=args.batch_size, workers=0, shard_size=args.batch_size,
-                    device=device, root=workdir / "cache-warmup", tag="warmup")
+        for pipeline in args.pipeline:
+            cache_build(clip, classifier, warm, batch_size=args.batch_size, workers=0, shard_size=args.batch_size,
+                        device=device, root=workdir / "cache-warmup", tag=f"warmup-{pipeline}", pipeline=pipeline,
+                        precision=args.precision)
+        phases = {
+            pipeline: phase_breakdown(clip, table, pipeline, batch_size=args.batch_size, device=device,
+                                      channels_last=args.channels_last)
+            for pipeline in args.pipeline
+        }
+        print(f"per-phase ms per image (worker-less): {phases}", flush=True)
 
         # Every build is bracketed by two bare passes; its ratio uses their mean (drift-robust pairing).
-        settings = [(w, s) for s in args.shard_size for w in args.workers]
-        subject: dict[tuple[int, int], dict[str, list[float]]] = {
+        settings = [(p, w, s) for s in args.shard_size for p in args.pipeline for w in args.workers]
+        subject: dict[tuple[str, int, int], dict[str, list[float]]] = {
             key: {"total_s": [], "compute_s": [], "write_merge_s": [], "ratio": []} for key in settings
         }
-        baseline_s = [bare_forward(clip, classifier, batches, num_images, args.batch_size, device)]
+        baseline_s = [bare_forward(*forward, num_images, args.batch_size, device, args.precision)]
         for repeat in range(args.repeats):
-            for workers, shard_size in settings:
+            for pipeline, workers, shard_size in settings:
                 build = cache_build(
                     clip, classifier, table, batch_size=args.batch_size, workers=workers, shard_size=shard_size,
-                    device=device, root=workdir / "cache", tag=f"{repeat}-{workers}-{shard_size}",
+                    device=device, root=workdir / "cache", tag=f"{repeat}-{pipeline}-{workers}-{shard_size}",
+                    pipeline=pipeline, precision=args.precision,
                 )
-                baseline_s.append(bare_forward(clip, classifier, batches, num_images, args.batch_size, device))
+                baseline_s.append(bare_forward(*forward, num_images, args.batch_size, device, args.precision))
                 bare = (baseline_s[-2] + baseline_s[-1]) / 2
                 for name, value in build.items():
-                    subject[(workers, shard_size)][name].append(value)
-                subject[(workers, shard_size)]["ratio"].append(bare / build["total_s"])
+                    subject[(pipeline, workers, shard_size)][name].append(value)
+                subject[(pipeline, workers, shard_size)]["ratio"].append(bare / build["total_s"])
                 print(
-                    f"repeat {repeat}: workers {workers}, shard {shard_size}: build {num_images / build['total_s']:.1f}"
-                    f" img/s, bare {num_images / bare:.1f} img/s, ratio {bare / build['total_s']:.3f}",
+                    f"repeat {repeat}: {pipeline} pipeline, workers {workers}, shard {shard_size}: build "
+                    f"{num_images / build['total_s']:.1f} img/s, bare {num_images / bare:.1f} img/s, "
+                    f"ratio {bare / build['total_s']:.3f}",
                     flush=True,
                 )
     finally:
@@ -261,9 +351,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_ms = 1e3 * median(baseline_s) / num_images
     write_merge_ms = 1e3 * median([median(v["write_merge_s"]) for v in subject.values()]) / num_images
     builds = []
-    for (workers, shard_size), values in subject.items():
+    for (pipeline, workers, shard_size), values in subject.items():
         shards = math.ceil(num_images / shard_size)
         builds.append({
+            "pipeline": pipeline,
             "workers": workers,
             "shard_size": shard_size,
             "shards": shards,
@@ -289,6 +380,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "classes": args.classes,
             "repeats": args.repeats,
             "baseline_tensors_in_memory": min(num_images, keep),
+            "pipelines": list(args.pipeline),
+            "precision_on_cuda": args.precision,
+            "channels_last": args.channels_last,
+            "compile": args.compile,
+        },
+        "phases_ms_per_image": {
+            pipeline: {**values, "forward": round(model_ms, 4), "write_merge": round(write_merge_ms, 4)}
+            for pipeline, values in phases.items()
         },
         "breakdown_ms_per_image": {
             "decode_preprocess_no_workers": round(decode_ms, 3),
@@ -307,9 +406,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def setting_name(args: argparse.Namespace, device: torch.device) -> str:
-    source = "data" if args.data else f"synthetic{args.source_size}"
+    source = "data" if args.data else f"synthetic{args.source_size}" + (f"j{args.size_jitter:g}" if args.size_jitter
+                                                                        else "")
     threads = f"/threads{args.threads}" if args.threads else ""
-    return f"{args.model}/{device.type}/batch{args.batch_size}/{args.images}x{source}{threads}"
+    model_side = "".join(
+        flag for flag, on in (("/channels-last", args.channels_last), ("/compile", args.compile)) if on
+    )
+    precision = f"/{args.precision}" if device.type == "cuda" else ""
+    return f"{args.model}/{device.type}/batch{args.batch_size}/{args.images}x{source}{precision}{model_side}{threads}"
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -320,11 +424,14 @@ def print_table(result: dict[str, Any]) -> None:
         f"bare forward {result['bare_forward_images_per_s']['median']:.1f} img/s"
     )
     print(f"ratio if decoding were serial and nothing overlapped: {result['ratio_estimate_no_overlap']:.3f}")
-    print(f"{'workers':>7} {'shard':>6} {'build img/s':>12} {'ratio':>6} {'write+merge s':>14}")
+    for pipeline, phases in result["phases_ms_per_image"].items():
+        print(f"  {pipeline} pipeline, ms per image: " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
+    print(f"{'pipeline':>8} {'workers':>7} {'shard':>6} {'build img/s':>12} {'ratio':>6} {'write+merge s':>14}")
     for build in result["builds"]:
         print(
-            f"{build['workers']:>7} {build['shard_size']:>6} {build['images_per_s']['median']:>12.1f} "
-            f"{build['ratio_to_bare']['median']:>6.3f} {build['write_merge_s']['median']:>14.3f}"
+            f"{build['pipeline']:>8} {build['workers']:>7} {build['shard_size']:>6} "
+            f"{build['images_per_s']['median']:>12.1f} {build['ratio_to_bare']['median']:>6.3f} "
+            f"{build['write_merge_s']['median']:>14.3f}"
         )
 
 

@@ -181,25 +181,45 @@ def timestamp() -> str:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def write_jpeg_folder(root: Path, count: int, size: int, num_classes: int, seed: int = 0) -> list[Path]:
-    """`count` deterministic synthetic RGB JPEGs of `size` x `size` in `root/class_XX/`.
+def _write_one_jpeg(job: tuple[Path, int, int, int]) -> Path:
+    """Worker of write_jpeg_folder: one image from its own seed (so the result does not depend on the
+    number of processes)."""
+    from PIL import Image
+
+    path, height, width, seed = job
+    rng = np.random.default_rng(seed)
+    field = rng.integers(0, 256, size=(SYNTHETIC_BLOCKS, SYNTHETIC_BLOCKS, 3), dtype=np.uint8)
+    image = np.asarray(Image.fromarray(field).resize((width, height), Image.Resampling.BICUBIC), np.float32)
+    image += rng.normal(0.0, SYNTHETIC_NOISE, size=image.shape)
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path, quality=JPEG_QUALITY)
+    return path
+
+
+def write_jpeg_folder(
+    root: Path, count: int, size: int, num_classes: int, seed: int = 0, *, jitter: float = 0.0, processes: int = 1
+) -> list[Path]:
+    """`count` deterministic synthetic RGB JPEGs in `root/class_XX/`, `size` x `size` px, or with each side
+    drawn uniformly from size * [1 - jitter, 1 + jitter] (ImageNet's photos vary in size and aspect), written
+    by `processes` processes.
 
     Each image is a smooth random colour field (an 8x8 random grid upsampled bicubically) plus mild
     pixel noise: it compresses and decodes like a photo of that size, unlike white noise."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
-    paths = []
+    jobs = []
     for index in range(count):
         folder = root / f"class_{index % num_classes:02d}"
         folder.mkdir(parents=True, exist_ok=True)
-        field = rng.integers(0, 256, size=(SYNTHETIC_BLOCKS, SYNTHETIC_BLOCKS, 3), dtype=np.uint8)
-        image = np.asarray(Image.fromarray(field).resize((size, size), Image.Resampling.BICUBIC), np.float32)
-        image += rng.normal(0.0, SYNTHETIC_NOISE, size=image.shape)
-        path = folder / f"{index:06d}.jpg"
-        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path, quality=JPEG_QUALITY)
-        paths.append(path)
-    return paths
+        height, width = (
+            (size, size) if jitter <= 0
+            else tuple(int(round(size * f)) for f in rng.uniform(1 - jitter, 1 + jitter, size=2))
+        )
+        jobs.append((folder / f"{index:06d}.jpg", height, width, seed * 1_000_003 + index))
+    if processes <= 1:
+        return [_write_one_jpeg(job) for job in jobs]
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        return pool.map(_write_one_jpeg, jobs, chunksize=max(1, count // (4 * processes)))
 
 
 def image_files(root: Path, limit: int | None = None) -> list[Path]:
@@ -213,15 +233,17 @@ def image_files(root: Path, limit: int | None = None) -> list[Path]:
 
 
 def benchmark_images(
-    data: str | None, count: int, size: int, num_classes: int, workdir: Path
+    data: str | None, count: int, size: int, num_classes: int, workdir: Path, *, jitter: float = 0.0,
+    processes: int = 1,
 ) -> tuple[list[Path], str]:
     """The images to benchmark on: the first `count` files under `data`, or synthetic JPEGs written to
-    `workdir`. Returns (paths, description)."""
+    `workdir` (see write_jpeg_folder). Returns (paths, description)."""
     if data:
         paths = image_files(Path(data), count)
         return paths, f"{len(paths)} images from {data}"
-    paths = write_jpeg_folder(workdir / "images", count, size, num_classes)
-    return paths, f"{count} synthetic {size}x{size} JPEGs (quality {JPEG_QUALITY})"
+    paths = write_jpeg_folder(workdir / "images", count, size, num_classes, jitter=jitter, processes=processes)
+    shape = f"{size}x{size}" if jitter <= 0 else f"{size} px +-{round(100 * jitter)}% per side"
+    return paths, f"{count} synthetic {shape} JPEGs (quality {JPEG_QUALITY})"
 
 
 def table_from_paths(paths: Sequence[Path], labels: np.ndarray, num_classes: int):
@@ -240,6 +262,14 @@ def table_from_paths(paths: Sequence[Path], labels: np.ndarray, num_classes: int
         load_image=FileImageLoader([str(p) for p in paths]),
         fingerprint=fingerprint_of(keys),
     )
+
+
+def default_processes() -> int:
+    """Usable CPUs (for writing synthetic images)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def scratch_dir(parent: str | None) -> Path:

@@ -30,6 +30,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", help="prompt file name in prompts/ or a path to a JSON prompt file")
     parser.add_argument("--cache-dir", help="where CLIP prediction caches live (default ~/.cache/zeroshot-adapt)")
     parser.add_argument("--num-workers", type=int, help="DataLoader workers")
+    parser.add_argument("--pipeline", choices=("cpu", "device", "auto"),
+                        help="input pipeline: cpu (workers decode and augment; default), device (the GPU decodes and "
+                             "augments batches), auto (device on CUDA)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 

@@ -35,6 +35,8 @@ class DataConfig:
     # Per-sample content ids for the prediction cache: "stat" (size + mtime_ns + inode of each file; cheap) or
     # "content" (sha256 of each file's bytes; one full read per load, survives copying the data elsewhere).
     fingerprint: str = "stat"
+    # --- input pipeline (data/device.py) ---
+    pipeline: str = "cpu"  # cpu: workers decode + augment (PIL); device: the accelerator does; auto: device on CUDA
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,10 @@ class TeacherConfig:
     shard_size: int = 1024
     num_workers: int | None = None  # decoding workers for the cache build; None: chosen from measured costs
     cache_dir: str | None = None  # None: $ZSA_CACHE_DIR or ~/.cache/zeroshot-adapt
+    # --- model-side speed (models/acceleration.py) ---
+    precision: str = "fp16"  # autocast of the cache build on CUDA: fp16 | bf16 | fp32 (CPU: always fp32)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the image tower in place
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,9 @@ class StudentConfig:
     arch: str = "resnet50"  # any timm model name
     pretrained: str | None = None  # None: random init; a timm tag ("timm"), or a local checkpoint path
     ema_momentum: float = 0.999  # EMAN teacher
+    # --- model-side speed (models/acceleration.py); precision is optim.mixed_precision ---
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the student and the EMAN teacher in place
 
 
 @dataclass(frozen=True)
@@ -215,6 +224,9 @@ CONSTRAINTS: dict[str, Constraint] = {
     "checkpoint_every_steps": at_least(1),
     "eval_every_epochs": at_least(1),
     "data.fingerprint": Constraint(choices=("stat", "content")),
+    # --- input pipeline and model-side speed ---
+    "data.pipeline": Constraint(choices=("cpu", "device", "auto")),
+    "teacher.precision": Constraint(choices=("fp16", "bf16", "fp32")),
 }
 """Valid values per dotted key. Every int / float field must have an entry (a test checks it)."""
 
@@ -235,6 +247,7 @@ CLI_FLAGS: dict[str, str] = {
     "ssl.long_tail_ratio": "--long-tail",
     "run_dir": "--run-dir",
     "seed": "--seed",
+    "data.pipeline": "--pipeline",
 }
 """The `zsa` flag that sets each key (cli.py builds its flags from this table; errors name both)."""
 

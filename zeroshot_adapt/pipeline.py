@@ -193,14 +193,19 @@ def teacher_family(config: RunConfig, prompts: PromptSet) -> dict[str, Any]:
     from zeroshot_adapt.teacher.predict import compute_settings
 
     weights = resolve_weights(config.teacher.model, config.teacher.pretrained)
-    return {
+    identity = {
         "model": weights.model_name,
         "weights": weights.weights_id,
         "templates": list(prompts.templates),
         "class_names": list(prompts.classes),
         "preprocess": preprocess_description(weights),
-        "compute": compute_settings(_compute_device(), config.teacher.batch_size),
+        "compute": compute_settings(
+            _compute_device(), config.teacher.batch_size, precision=config.teacher.precision,
+            pipeline=teacher_pipeline(config), channels_last=config.teacher.channels_last,
+            compiled=config.teacher.compile,
+        ),
     }
+    return identity
 
 
 def cache_identity(config: RunConfig, table: SampleTable, prompts: PromptSet) -> dict[str, Any]:
@@ -213,6 +218,13 @@ def cache_identity(config: RunConfig, table: SampleTable, prompts: PromptSet) ->
         "dataset_fingerprint": table.fingerprint,
         "num_samples": len(table),
     }
+
+
+def teacher_pipeline(config: RunConfig) -> str:
+    """The cache build's input pipeline: data.pipeline with ``auto`` resolved for this machine."""
+    from zeroshot_adapt.data.device import resolve_pipeline
+
+    return resolve_pipeline(config.data.pipeline, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def cache_lineage(identity: dict[str, Any]) -> tuple[Any, Any]:
@@ -252,15 +264,20 @@ def _build_teacher_cache(config, table, prompts, identity, family, root, *, prog
                          rebuild: bool = False) -> PredictionCache:
     from accelerate import PartialState
 
+    from zeroshot_adapt.launch import check_launch, use_cpu
+    from zeroshot_adapt.models.acceleration import prepare_module
     from zeroshot_adapt.teacher.classifier import zeroshot_classifier
     from zeroshot_adapt.teacher.clip import load_clip
     from zeroshot_adapt.teacher.predict import predict_shards
 
-    state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True: gloo multi-process on CPU
+    check_launch()
+    state = PartialState(cpu=use_cpu())  # cpu=True: gloo multi-process on CPU
 
     @functools.cache
     def teacher():  # loaded only if some sample must be predicted (or no cache lends the classifier)
         clip = load_clip(config.teacher.model, config.teacher.pretrained, device=state.device)
+        prepare_module(clip.model.visual, channels_last=config.teacher.channels_last,
+                       compile=config.teacher.compile)
         classifier = zeroshot_classifier(clip.model, clip.tokenizer, prompts, state.device)
         return clip, classifier
 
@@ -271,7 +288,8 @@ def _build_teacher_cache(config, table, prompts, identity, family, root, *, prog
         yield from predict_shards(
             clip, classifier, table, shards, batch_size=config.teacher.batch_size,
             num_workers=config.teacher.num_workers, device=state.device,
-            progress=progress and state.is_main_process,
+            progress=progress and state.is_main_process, precision=config.teacher.precision,
+            pipeline=teacher_pipeline(config),
         )
 
     def attachments() -> dict[str, np.ndarray]:
@@ -534,15 +552,17 @@ def _adapt(config: RunConfig, *, stop_after_steps: int | None, data: TrainingDat
     from accelerate.utils import set_seed
 
     from zeroshot_adapt.algorithms import ALGORITHMS
-    from zeroshot_adapt.data.datasets import LabeledViews, UnlabeledViews
     from zeroshot_adapt.data.transforms import build_transforms
+    from zeroshot_adapt.launch import check_launch, use_cpu
+    from zeroshot_adapt.models.acceleration import prepare_module
     from zeroshot_adapt.models.student import EmanTeacher, create_student
     from zeroshot_adapt.reports.plots import plot_confusion, plot_pseudo_label_distribution
     from zeroshot_adapt.train import LoopSettings, atomic_torch_save, train
 
     run_dir = Path(config.run_dir)
+    check_launch()
     accelerator = Accelerator(mixed_precision=config.optim.mixed_precision, log_with=config.log_with,
-                              project_dir=str(run_dir), cpu=not torch.cuda.is_available())
+                              project_dir=str(run_dir), cpu=use_cpu())
     data = prepare_training_data(config) if data is None else data
     if accelerator.is_main_process:  # only now: a refused dataset, labels file, ... leaves no run behind
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -555,16 +575,15 @@ def _adapt(config: RunConfig, *, stop_after_steps: int | None, data: TrainingDat
     spec = get_spec(config.data.dataset)
     transforms = build_transforms(config.data.image_size, recipe="auto", hflip=spec.hflip)
     num_views = 2 if config.algorithm.multiview else 1
-    labeled = LabeledViews(data.train, data.labeled_indices, data.labeled_targets, transforms.weak)
-    unlabeled = UnlabeledViews(
-        data.train, data.unlabeled_indices, transforms.weak, transforms.strong, num_views=num_views,
-        clip_label=data.clip_label, clip_confidence=data.clip_confidence,
-    )
+    labeled, unlabeled, batch_pipeline = training_views(config, data, transforms, num_views, accelerator.device)
     # Seed here, after the data stage: building a missing CLIP cache consumes the global RNG, and the
     # student's initial weights must not depend on whether the cache already existed.
     set_seed(config.seed)
     student = create_student(config.student.arch, data.num_classes, config.student.pretrained)
+    prepare_module(student, channels_last=config.student.channels_last)
     ema = EmanTeacher(student)
+    for model in (student, ema.module):  # compiled in place after the copy: state_dict keys stay plain
+        prepare_module(model, compile=config.student.compile)
     def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:  # the class prior's batch mean, across processes
         return accelerator.reduce(tensor, reduction="mean") if accelerator.num_processes > 1 else tensor
 
@@ -587,7 +606,7 @@ def _adapt(config: RunConfig, *, stop_after_steps: int | None, data: TrainingDat
         accelerator=accelerator, student=student, ema=ema, algorithm=algorithm,
         labeled=labeled if len(labeled) else None, unlabeled=unlabeled, settings=settings,
         num_classes=data.num_classes, run_dir=run_dir, evaluate=evaluate, stop_after_steps=stop_after_steps,
-        run_config=_plain(to_dict(config)),
+        run_config=_plain(to_dict(config)), batch_pipeline=batch_pipeline,
     )
     report: dict[str, Any] = {
         "dataset": config.data.dataset,
@@ -624,6 +643,30 @@ def _adapt(config: RunConfig, *, stop_after_steps: int | None, data: TrainingDat
         write_json(report, run_dir / "report.json")  # last: a completed report.json means every output is there
     accelerator.end_training()
     return report
+
+
+def training_views(config: RunConfig, data: TrainingData, transforms, num_views: int, device: torch.device):
+    """(labeled dataset, unlabeled dataset, batch pipeline) for ``data.pipeline``: the CPU pipeline's PIL
+    views (batch pipeline None: the loop's plain host-to-device copy), or the device pipeline's encoded
+    items and the DeviceViews that decodes and augments them on ``device``."""
+    from zeroshot_adapt.data.datasets import LabeledViews, UnlabeledViews
+    from zeroshot_adapt.data.device import DeviceViews, EncodedLabeledViews, EncodedUnlabeledViews, resolve_pipeline
+
+    if resolve_pipeline(config.data.pipeline, device) == "device":
+        labeled = EncodedLabeledViews(data.train, data.labeled_indices, data.labeled_targets, transforms.spec)
+        unlabeled = EncodedUnlabeledViews(
+            data.train, data.unlabeled_indices, transforms.spec, num_views=num_views,
+            clip_label=data.clip_label, clip_confidence=data.clip_confidence,
+        )
+        views = DeviceViews(transforms.spec, transforms.mean, transforms.std,
+                            channels_last=config.student.channels_last)
+        return labeled, unlabeled, views
+    labeled = LabeledViews(data.train, data.labeled_indices, data.labeled_targets, transforms.weak)
+    unlabeled = UnlabeledViews(
+        data.train, data.unlabeled_indices, transforms.weak, transforms.strong, num_views=num_views,
+        clip_label=data.clip_label, clip_confidence=data.clip_confidence,
+    )
+    return labeled, unlabeled, None
 
 
 # ----------------------------------------------------------------------------- run directories: lock, resume

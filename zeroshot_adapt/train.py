@@ -48,7 +48,9 @@ from tqdm.auto import tqdm
 
 from zeroshot_adapt.algorithms.base import Algorithm, Batch, LabeledBatch, UnlabeledBatch
 from zeroshot_adapt.data.datasets import CORRUPT_SKIPPED, POSITION, ignore_stop_signals, unwrap_worker_errors
+from zeroshot_adapt.data.device import batch_feed
 from zeroshot_adapt.data.sampling import SeededItems, StepBatchSampler
+from zeroshot_adapt.data.workers import plan_stream_workers
 from zeroshot_adapt.errors import UserError
 from zeroshot_adapt.fileio import atomic_write, atomic_write_text
 from zeroshot_adapt.pseudo_labels import class_imbalance_ratio
@@ -384,6 +386,7 @@ def _loader(dataset: Dataset, sampler: StepBatchSampler, num_workers: int, seed:
         generator=generator,
         persistent_workers=False,
         worker_init_fn=ignore_stop_signals if num_workers else None,
+        collate_fn=getattr(dataset, "collate_fn", None),  # the device pipeline's encoded items bring their own
     )
 
 
@@ -401,6 +404,7 @@ def train(
     evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
     stop_after_steps: int | None = None,
     run_config: dict[str, Any] | None = None,
+    batch_pipeline: Callable[[Any, Any, torch.device], Batch] | None = None,
 ) -> TrainResult:
     """Train `student` until `settings.total_steps`, resuming from `run_dir/checkpoints/last.pt` if present.
 
@@ -411,6 +415,9 @@ def train(
     what a preempted job looks like; used by the resume tests.
     run_config: the resolved run config (plain dict), stored in every checkpoint so the resume guard
     (pipeline.check_resume_config) compares against the checkpoint itself.
+    batch_pipeline: (labeled loader batch, unlabeled loader batch, device) -> Batch; None: copy the loaders'
+    tensors (the CPU pipeline). The device pipeline passes data.device.DeviceViews (decode + augment on the
+    device). Either way the next micro-batch is prepared while the current one computes (data.device.batch_feed).
     """
     run_dir = Path(run_dir)
     checkpoint_path = run_dir / "checkpoints" / CHECKPOINT_NAME
@@ -527,11 +534,10 @@ def train(
         if step == settings.total_steps:
             save_checkpoint()
 
-    # Workers split between the two streams by their share of the image work: a labeled item is one
-    # weak view, an unlabeled item two views (weak + strong) per view pair, mu times as many items.
-    unlabeled_work = 2 * settings.mu
-    labeled_workers = 0 if settings.num_workers == 0 else max(1, round(settings.num_workers / (1 + unlabeled_work)))
-    unlabeled_workers = 0 if settings.num_workers == 0 else max(1, settings.num_workers - labeled_workers)
+    # Workers split between the two streams by their measured cost per step (data/workers.py).
+    labeled_workers, unlabeled_workers = plan_stream_workers(
+        settings.num_workers, [(labeled, micro_batch), (unlabeled, micro_batch * settings.mu)]
+    )
 
     def micro_loader(dataset: Dataset | None, per_step: int, stream: int, workers: int):
         if dataset is None or len(dataset) == 0 or per_step == 0:
@@ -553,6 +559,14 @@ def train(
     unlabeled_iter = micro_loader(unlabeled, micro_batch * settings.mu, UNLABELED_STREAM, unlabeled_workers)
     if labeled_iter is None and unlabeled_iter is None:
         raise UserError("nothing to train on: both the labeled and the unlabeled set are empty")
+    make_batch = batch_pipeline or _to_batch
+
+    def prepare(lab, unl, device: torch.device) -> Batch:
+        tally.observe(labeled, lab, log_new=main)  # corrupt images the views replaced (CPU pipeline)
+        tally.observe(unlabeled, unl, log_new=main)
+        return make_batch(lab, unl, device)
+
+    feed = batch_feed(labeled_iter, unlabeled_iter, prepare, device)
 
     steps_this_call = 0
     student.train()
@@ -562,11 +576,7 @@ def train(
     with _StopFlag() as stop:
         while step < settings.total_steps:
             for micro in range(micro_batches):
-                lab = next(labeled_iter) if labeled_iter is not None else None
-                unl = next(unlabeled_iter) if unlabeled_iter is not None else None
-                tally.observe(labeled, lab, log_new=main)
-                tally.observe(unlabeled, unl, log_new=main)
-                batch = _to_batch(lab, unl, device)
+                batch = next(feed)
                 sync = micro == micro_batches - 1
                 context = contextlib.nullcontext() if sync else accelerator.no_sync(student)
                 with context:
