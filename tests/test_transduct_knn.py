@@ -50,7 +50,7 @@ def test_approximate_index_above_the_threshold_keeps_recall():
 
 
 def test_index_plans_follow_size_and_memory_budget():
-    assert plan_index(50_000, 1024, KnnSettings()).exact
+    assert plan_index(4_000, 1024, KnnSettings()).exact and not plan_index(4_001, 1024, KnnSettings()).exact
     ivf = plan_index(1_000_000, 64, KnnSettings(exact_max_samples=50_000))
     assert ivf.factory == "IVF4000,SQ8" and ivf.train_size == 64 * 4000 and ivf.nprobe == 32
     # codes of 1M x 64 dims: SQ8 needs 72 MB; a 32 MiB budget falls back to 16-byte PQ codes (24 MB)

@@ -302,7 +302,7 @@ def centroid_similarity(preds: TeacherPredictions) -> dict[str, Any]:
     by_label = preds.table.has_labels
     groups = np.asarray(preds.table.labels)[valid] if by_label else prediction
     counts = np.bincount(prediction, minlength=len(classes))
-    return centroid_neighbours(_valid_features(preds, positions), np.asarray(groups, dtype=np.int64), counts,
+    return centroid_neighbours(feature_source(preds, positions), np.asarray(groups, dtype=np.int64), counts,
                                classes, grouping="label" if by_label else "prediction")
 
 
@@ -348,7 +348,7 @@ def derived_root(config: RunConfig) -> Path:
     return cache_root(config) / DERIVED_DIR
 
 
-def _valid_features(preds: TeacherPredictions, positions: np.ndarray):
+def feature_source(preds: TeacherPredictions, positions: np.ndarray):  # -> transduct.FeatureSource | None
     """The cached image features of the table positions ``positions``, read in chunks (None when absent)."""
     from zeroshot_adapt.transduct import FeatureSource
 
@@ -391,7 +391,7 @@ def refined_predictions(config: RunConfig, preds: TeacherPredictions, chain: str
     positions = np.flatnonzero(valid)
     if len(positions) == 0:
         raise UserError(f"no valid sample in {preds.table.dataset}/{preds.table.split} to refine")
-    features = _valid_features(preds, positions)
+    features = feature_source(preds, positions)
     identity = {
         "base_cache": preds.cache.digest,
         "rows": rows_fingerprint(preds.rows),

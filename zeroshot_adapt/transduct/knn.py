@@ -3,8 +3,9 @@
 Cosine similarity = inner product of unit vectors, so every index uses ``METRIC_INNER_PRODUCT``.
 
 - Up to ``exact_max_samples`` samples (and while the float32 index fits the memory budget): exact search,
-  ``IndexFlatIP`` (recall 1). Its cost grows as N^2 D; benchmarks/transduct.py measures where an
-  approximate index becomes faster at the same recall target, which is where the default sits.
+  ``IndexFlatIP`` (recall 1). Its graph time grows as N^2 D; IVF's as about N^1.3 (benchmarks/transduct.py,
+  1024-d features on 2 CPU cores: the two cross near 4,000 samples, where the default sits; IVF recall@5
+  was 0.99 there). The crossover hardly depends on D (both costs are linear in it).
 - Above: an inverted-file index, ``IVF{nlist},SQ8`` (8-bit scalar-quantised codes: N x D bytes instead
   of 4 N x D), ``nlist = 4 sqrt(N)`` lists (the low end of faiss's 4..16 sqrt(N) guideline: longer lists,
   better recall per probe), trained on ``64 nlist`` sampled points (faiss asks for 30..256 per list),
@@ -46,7 +47,7 @@ class KnnSettings:
     """How to search (not what): exact_max_samples, nprobe (IVF lists visited per query), memory_mb (budget
     for the index and one batch of rows), device ('auto', 'cpu' or 'gpu')."""
 
-    exact_max_samples: int = 50_000
+    exact_max_samples: int = 4_000
     nprobe: int = 32
     memory_mb: int = 4096
     device: str = "auto"

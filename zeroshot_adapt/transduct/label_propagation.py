@@ -89,7 +89,7 @@ def symmetric_normalize(matrix: sp.csr_matrix) -> sp.csr_matrix:
 
 def solve_propagation(normalized: sp.csr_matrix, labels: np.ndarray, alpha: float, *, memory_mb: float,
                       tolerance: float = CG_TOLERANCE, max_iterations: int = CG_MAX_ITERATIONS) -> np.ndarray:
-    """Z [M, C] solving (I - alpha S) Z = Y column by column, by conjugate gradient.
+    """Z [M, C] float32 solving (I - alpha S) Z = Y column by column, by conjugate gradient (float64 inside).
 
     scipy.sparse.linalg.cg takes one right-hand side at a time; this is the same CG run on a block of
     columns at once (one sparse-times-dense product per iteration instead of one per class), each
@@ -98,7 +98,7 @@ def solve_propagation(normalized: sp.csr_matrix, labels: np.ndarray, alpha: floa
     if not 0.0 <= alpha < 1.0:
         raise UserError(f"label propagation alpha={alpha} must be in [0, 1) (I - alpha S must stay invertible)")
     block = max(1, int(memory_mb * BYTES_PER_MB) // (CG_ARRAYS * FLOAT64_BYTES * num_nodes))
-    out = np.empty((num_nodes, num_classes), dtype=np.float64)
+    out = np.empty((num_nodes, num_classes), dtype=np.float32)
 
     def apply(x: np.ndarray) -> np.ndarray:
         return x - alpha * (normalized @ x)
@@ -148,11 +148,11 @@ def label_propagation(
     Returns the propagated probabilities [N, C] (rows sum to 1)."""
     num_images, num_classes = probabilities.shape
     normalized = symmetric_normalize(affinity(graph, gamma, text, num_classes, text_gamma))
-    labels = probabilities.astype(np.float64)
+    labels = np.asarray(probabilities, dtype=np.float32)
     if text is not None:
-        labels = np.concatenate([labels, np.eye(num_classes)])  # ZLaP: each text node labels its class
+        labels = np.concatenate([labels, np.eye(num_classes, dtype=np.float32)])  # ZLaP: text nodes label classes
     propagated = solve_propagation(normalized, labels, alpha, memory_mb=memory_mb)[:num_images]
-    return normalize_rows(np.maximum(propagated, 0.0)).astype(np.float32)
+    return normalize_rows(np.maximum(propagated, 0.0, out=propagated))
 
 
 def text_neighbours(features: FeatureSource, text_classifier: np.ndarray, k: int,
