@@ -67,11 +67,22 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true", help=REBUILD_HELP)
     p.add_argument("--out", help="output folder (default runs/<dataset>/zeroshot)")
 
+    p = sub.add_parser("transduct", help="refine CLIP's cached predictions without training (label propagation, "
+                                         "TransCLIP, Sinkhorn, ...); report them next to zero-shot")
+    _common(p)
+    p.add_argument("--method", dest="teacher_method", metavar="M[,M...]",
+                   help="a method or a chain applied in order, e.g. label-propagation,sinkhorn "
+                        "(see `zsa transduct-methods`; default zeroshot)")
+    p.add_argument("--split", choices=("train", "test", "both"), default="both")
+    p.add_argument("--out", help="output folder (default runs/<dataset>/transduct)")
+    _transduct_params(p)
+
     p = sub.add_parser("pseudolabel", help="select CLIP pseudo-labels with confidence >= tau_clip; stats and plots")
     _common(p)
     p.add_argument("--rebuild", action="store_true", help=REBUILD_HELP)
     p.add_argument("--tau-clip", type=float, help="confidence threshold in (0, 1] (default 0.95)")
     p.add_argument("--out", help="output folder (default runs/<dataset>/pseudolabel)")
+    _teacher_selection(p)
 
     for name, text in (
         ("adapt", "adapt a student to the unlabeled data: cache -> filter -> FixMatch/DebiasPL -> evaluate"),
@@ -87,6 +98,8 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=int)
         p.add_argument("--reevaluate", action="store_true",
                        help="a finished run: evaluate it again instead of printing its saved report")
+        if name == "adapt":
+            _teacher_selection(p)
         if name == "ssl":
             group = p.add_mutually_exclusive_group(required=True)
             group.add_argument("--label-fraction", type=float, help="e.g. 0.01 for ImageNet 1%%")
@@ -124,7 +137,37 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("datasets", help="list registered datasets")
     sub.add_parser("algorithms", help="list registered algorithms")
+    sub.add_parser("transduct-methods", help="list the training-free transduction methods")
     return parser
+
+
+def _teacher_selection(parser: argparse.ArgumentParser) -> None:
+    """The teacher (any transduction chain) and the labeled-set rule, for pseudolabel and adapt."""
+    parser.add_argument("--teacher-method", metavar="M[,M...]",
+                        help="refine CLIP's predictions with this transduction chain before selecting "
+                             "(e.g. label-propagation,sinkhorn; default zeroshot = CLIP unchanged)")
+    parser.add_argument("--select", choices=("threshold", "topk"),
+                        help="labeled set: confidence >= --tau-clip (default), or the most confident samples "
+                             "of each predicted class (GRIP; with --per-class or --per-class-fraction)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--per-class", type=int, metavar="K", help="--select topk: K samples per predicted class")
+    group.add_argument("--per-class-fraction", type=float, metavar="F",
+                       help="--select topk: this share of each predicted class, in (0, 1]")
+    _transduct_params(parser)
+
+
+def _transduct_params(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("transduction parameters (defaults from the papers; more with --set "
+                                      "transduct.KEY=VALUE)")
+    group.add_argument("--debias-tau", type=float, help="debias: divide by the predicted marginal ** tau (1)")
+    group.add_argument("--sinkhorn-marginal", metavar="uniform|prior-em|FILE.json",
+                       help="sinkhorn: target class marginal (default uniform)")
+    group.add_argument("--lp-knn", type=int, help="label-propagation: neighbours per image (5, ZLaP)")
+    group.add_argument("--lp-alpha", type=float, help="label-propagation: alpha in [0, 1) (0.99)")
+    group.add_argument("--lp-gamma", type=float, help="label-propagation: similarity power (3)")
+    group.add_argument("--transclip-knn", type=int, help="transclip: neighbours per image (3)")
+    group.add_argument("--transclip-lambda", type=float, help="transclip: weight of the text anchor (1)")
+    group.add_argument("--knn-memory-mb", type=int, help="memory budget of the kNN search and solver (4096)")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -136,7 +179,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     for attr, key in flags.items():
         value = getattr(args, attr, None)
         if value is not None:
-            if attr in ("data_dir", "pretrained", "prompts", "labels_file", "cache_dir") and (
+            if attr in ("data_dir", "pretrained", "prompts", "labels_file", "cache_dir", "sinkhorn_marginal") and (
                 attr != "pretrained" or "/" in str(value)
             ):
                 value = str(Path(value).expanduser())
@@ -153,6 +196,9 @@ def _validate(config) -> None:
     from zeroshot_adapt.algorithms import ALGORITHMS
 
     ALGORITHMS.get(config.algorithm.name)  # fail before any expensive stage
+    from zeroshot_adapt.transduct import parse_chain
+
+    parse_chain(config.transduct.method)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -179,6 +225,12 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         print("\n".join(ALGORITHMS.names()))
         return 0
+    if args.command == "transduct-methods":
+        from zeroshot_adapt.transduct import METHODS
+
+        for method in METHODS.names():
+            print(f"{method:18s} {METHODS.get(method).description}")
+        return 0
 
     config = pipeline.resolve_config(args.dataset, config_file=args.config, overrides=_overrides(args))
     _validate(config)
@@ -199,21 +251,32 @@ def run(argv: Sequence[str] | None = None) -> int:
                   f"prediction imbalance {entry.get('imbalance_ratio')}")
         print(f"report: {Path(args.out or f'runs/{name}/zeroshot') / 'zeroshot.json'}")
         return 0
+    if args.command == "transduct":
+        out = Path(args.out or f"runs/{name}/transduct")
+        splits = ("train", "test") if args.split == "both" else (args.split,)
+        report = pipeline.transduct_report(config, out, splits)
+        for split in splits:
+            if split in report:
+                _print_transduct(name, split, report[split], report["method"])
+        print(f"report: {out / 'transduct.json'}")
+        return 0
     if args.command == "pseudolabel":
         out = Path(args.out or f"runs/{name}/pseudolabel")
         report = pipeline.pseudolabel_report(config, out)
-        precision = report.get("precision")
-        print(f"{name}: tau_clip={config.pseudo.tau_clip} kept {report['kept']} of {report['total']} "
-              f"({100 * report['kept_fraction']:.1f}%), imbalance ratio {report.get('imbalance_ratio')}, "
-              f"empty classes {report.get('num_empty_classes')}"
-              + ("" if precision is None else f", precision {100 * precision:.1f}%"))
-        print(f"report: {out / 'pseudolabels.json'}")
+        for rule, summary in report["rules"].items():
+            precision = summary.get("precision")
+            print(f"{name} ({report['teacher_method']} teacher): {rule} kept {summary['kept']} of {report['total']} "
+                  f"({100 * summary['kept_fraction']:.1f}%), imbalance ratio {summary.get('imbalance_ratio')}, "
+                  f"empty classes {summary['num_empty_classes']}"
+                  + ("" if precision is None else f", precision {100 * precision:.1f}%"))
+        print(f"labeled set: the {report['select']} rule; report: {out / 'pseudolabels.json'}")
         return 0
     if args.command in ("adapt", "ssl"):
         if args.run_dir is None and not any(o.startswith("run_dir=") for o in args.overrides):
             from dataclasses import replace
 
-            config = replace(config, run_dir=f"runs/{name}/{args.command}-{config.algorithm.name}")
+            teacher = "" if config.transduct.method == "zeroshot" else f"-{config.transduct.method.replace(',', '+')}"
+            config = replace(config, run_dir=f"runs/{name}/{args.command}-{config.algorithm.name}{teacher}")
         report = pipeline.adapt(config, reevaluate=args.reevaluate)
         _print_summary(report, config.run_dir)
         return 0 if report["completed"] else EXIT_INTERRUPTED
@@ -351,6 +414,22 @@ def _train_teacher(args: argparse.Namespace) -> int:
             "digits_imbalance_ratio", "digits_predicted_counts", "mnist_test_accuracy", "size_bytes", "sha256")
     print(json.dumps({k: meta.get(k) for k in keys}, indent=2))
     return 0
+
+
+def _print_transduct(dataset: str, split: str, entry: dict, method: str) -> None:
+    def pct(value: float | None) -> str:
+        return "n/a (no labels)" if value is None else f"{100 * value:.2f}%"
+
+    def ratio(value: float | None) -> str:
+        return "inf (a class is never predicted)" if value is None else f"{value:.2f}"
+
+    zeroshot = entry["zeroshot"]
+    state = "read from" if entry["derived"]["hit"] else "written to"
+    print(f"{dataset}/{split}: {method}: top-1 {pct(entry['top1'])} (zero-shot {pct(zeroshot['top1'])}), "
+          f"mean per-class recall {pct(entry['mean_per_class_recall'])} "
+          f"(zero-shot {pct(zeroshot['mean_per_class_recall'])}), "
+          f"imbalance {ratio(entry.get('imbalance_ratio'))} (zero-shot {ratio(zeroshot.get('imbalance_ratio'))})")
+    print(f"  refined predictions {state} {entry['derived']['directory']}")
 
 
 def _print_summary(report: dict, run_dir: str) -> None:

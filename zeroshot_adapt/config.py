@@ -60,6 +60,43 @@ class TeacherConfig:
 @dataclass(frozen=True)
 class PseudoLabelConfig:
     tau_clip: float = 0.95
+    # Which confident samples form the labeled set: "threshold" (confidence >= tau_clip, the paper's rule)
+    # or "topk" (GRIP, Menghini et al. NeurIPS 2023: the most confident samples of each predicted class,
+    # per_class of them or a per_class_fraction of the class; tau_clip is then not used).
+    select: str = "threshold"
+    per_class: int | None = None
+    per_class_fraction: float | None = None
+
+
+@dataclass(frozen=True)
+class TransductConfig:
+    """Training-free refinement of the teacher's cached predictions (`zsa transduct`, `--teacher-method`).
+
+    Defaults come from the papers (see each module of zeroshot_adapt.transduct), not from tuning here."""
+
+    method: str = "zeroshot"  # a method or a comma-separated chain, e.g. "label-propagation,sinkhorn"
+    debias_tau: float = 1.0  # 1: divide by the predicted marginal (post-hoc logit adjustment)
+    prior_em_source_prior: str = "uniform"  # the classifier's own prior: uniform or a JSON file of C numbers
+    prior_em_max_iterations: int = 1000
+    prior_em_tolerance: float = 1e-6  # max absolute change of the estimated prior
+    sinkhorn_marginal: str = "uniform"  # uniform | prior-em | a JSON file of C numbers
+    sinkhorn_epsilon: float = 1.0  # entropic regulariser on the cost -log p (-> 0: OTTER's hard assignment)
+    sinkhorn_max_iterations: int = 1000
+    sinkhorn_tolerance: float = 1e-6  # L1 distance of the predicted marginal to the target
+    lp_knn: int = 5  # ZLaP
+    lp_gamma: float = 3.0  # Iscen et al. 2019 (ZLaP: 3-5)
+    lp_alpha: float = 0.99  # Zhou et al. 2004, Iscen et al. 2019
+    lp_text_nodes: bool = True  # ZLaP: the C class text embeddings as labelled nodes
+    lp_text_gamma: float = 5.0  # ZLaP: power of the image-text similarities
+    transclip_knn: int = 3  # TransCLIP's official solver
+    transclip_lambda: float = 1.0
+    transclip_iterations: int = 10
+    transclip_z_steps: int = 5
+    knn_exact_max_samples: int = 4_000  # exact faiss search up to here, IVF above: the measured crossover
+    # of their graph times (benchmarks/transduct.py: 1024-d, 2 CPU cores; IVF recall@5 there 0.987)
+    knn_nprobe: int = 32  # IVF lists visited per query
+    knn_memory_mb: int = 4096  # budget for the kNN index, one batch of rows and the propagation solver
+    knn_device: str = "auto"  # auto (GPU faiss when present) | cpu | gpu
 
 
 @dataclass(frozen=True)
@@ -121,6 +158,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    transduct: TransductConfig = field(default_factory=TransductConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -227,6 +265,31 @@ CONSTRAINTS: dict[str, Constraint] = {
     # --- input pipeline and model-side speed ---
     "data.pipeline": Constraint(choices=("cpu", "device", "auto")),
     "teacher.precision": Constraint(choices=("fp16", "bf16", "fp32")),
+    # transduct (training-free teacher refinement) and class-balanced selection
+    "pseudo.select": Constraint(choices=("threshold", "topk")),
+    "pseudo.per_class": at_least(1),
+    "pseudo.per_class_fraction": Constraint(0.0, 1.0, low_open=True),
+    "transduct.method": Constraint(non_empty=True),
+    "transduct.debias_tau": at_least(0),
+    "transduct.prior_em_source_prior": Constraint(non_empty=True),
+    "transduct.prior_em_max_iterations": at_least(1),
+    "transduct.prior_em_tolerance": above(0),
+    "transduct.sinkhorn_marginal": Constraint(non_empty=True),
+    "transduct.sinkhorn_epsilon": above(0),
+    "transduct.sinkhorn_max_iterations": at_least(1),
+    "transduct.sinkhorn_tolerance": above(0),
+    "transduct.lp_knn": at_least(1),
+    "transduct.lp_gamma": above(0),
+    "transduct.lp_alpha": MOMENTUM,
+    "transduct.lp_text_gamma": above(0),
+    "transduct.transclip_knn": at_least(1),
+    "transduct.transclip_lambda": at_least(0),
+    "transduct.transclip_iterations": at_least(0),
+    "transduct.transclip_z_steps": at_least(1),
+    "transduct.knn_exact_max_samples": at_least(0),
+    "transduct.knn_nprobe": at_least(1),
+    "transduct.knn_memory_mb": at_least(16),
+    "transduct.knn_device": Constraint(choices=("auto", "cpu", "gpu")),
 }
 """Valid values per dotted key. Every int / float field must have an entry (a test checks it)."""
 
@@ -248,6 +311,19 @@ CLI_FLAGS: dict[str, str] = {
     "run_dir": "--run-dir",
     "seed": "--seed",
     "data.pipeline": "--pipeline",
+    # transduct
+    "transduct.method": "--teacher-method",
+    "pseudo.select": "--select",
+    "pseudo.per_class": "--per-class",
+    "pseudo.per_class_fraction": "--per-class-fraction",
+    "transduct.debias_tau": "--debias-tau",
+    "transduct.sinkhorn_marginal": "--sinkhorn-marginal",
+    "transduct.lp_knn": "--lp-knn",
+    "transduct.lp_alpha": "--lp-alpha",
+    "transduct.lp_gamma": "--lp-gamma",
+    "transduct.transclip_knn": "--transclip-knn",
+    "transduct.transclip_lambda": "--transclip-lambda",
+    "transduct.knn_memory_mb": "--knn-memory-mb",
 }
 """The `zsa` flag that sets each key (cli.py builds its flags from this table; errors name both)."""
 
@@ -294,9 +370,23 @@ def validate_config(config: RunConfig) -> RunConfig:
             "the whole run would be warm-up; lower it with --set optim.warmup_epochs=... "
             "(the paper warms up for 5 of 50 epochs)"
         )
+    problems += _selection_problems(config)
     if problems:
         raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
     return config
+
+
+def _selection_problems(config: RunConfig) -> list[str]:
+    """pseudo.select=topk needs exactly one of per_class / per_class_fraction; threshold takes neither."""
+    pseudo = config.pseudo
+    given = [key for key in ("per_class", "per_class_fraction") if getattr(pseudo, key) is not None]
+    if pseudo.select == "topk" and len(given) != 1:
+        return [f"pseudo.select (--select)=topk needs exactly one of pseudo.per_class (--per-class) and "
+                f"pseudo.per_class_fraction (--per-class-fraction); got {', '.join(given) or 'neither'}"]
+    if pseudo.select == "threshold" and given:
+        return [f"pseudo.{given[0]} ({CLI_FLAGS[f'pseudo.{given[0]}']}) only applies with pseudo.select=topk "
+                "(--select topk); the threshold rule keeps confidence >= tau_clip"]
+    return []
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -34,7 +34,13 @@ from zeroshot_adapt.data.base import SampleTable
 from zeroshot_adapt.data.registry import get_spec, load_split
 from zeroshot_adapt.errors import UserError
 from zeroshot_adapt.fileio import atomic_write
-from zeroshot_adapt.pseudo_labels import select_confident, selection_report, threshold_sweep
+from zeroshot_adapt.pseudo_labels import (
+    rule_summary,
+    select_confident,
+    select_top_k_per_class,
+    selection_report,
+    threshold_sweep,
+)
 from zeroshot_adapt.reports.metrics import classification_report, write_json
 from zeroshot_adapt.teacher import predict
 from zeroshot_adapt.teacher.prompts import PromptSet, align_prompts, custom_prompts, load_prompts
@@ -136,6 +142,14 @@ class TeacherPredictions:
         (logits, features) checks the checksum of its whole file (streamed); the small ones were checked
         when the cache was opened. A damaged file is a UserError naming it."""
         return np.asarray(self.cache.verified(name)[self.rows])
+
+    def has_field(self, name: str) -> bool:
+        return name in self.cache.arrays
+
+    def field_rows(self, name: str, positions: np.ndarray) -> np.ndarray:
+        """The cached field for the table positions ``positions`` only (a chunk; read from the memory map).
+        The field's whole file is checksummed once, at the first read, as in `field`."""
+        return np.asarray(self.cache.verified(name)[self.rows[positions]])
 
     @cached_property
     def prediction(self) -> np.ndarray:
@@ -322,8 +336,9 @@ def _build_teacher_cache(config, table, prompts, identity, family, root, *, prog
 
 
 def zeroshot_report(config: RunConfig, out_dir: str | Path) -> dict[str, Any]:
-    """CLIP zero-shot metrics for the train and test splits (when labeled), with the imbalance plot."""
-    from zeroshot_adapt.reports.plots import plot_predictions_per_class
+    """CLIP zero-shot metrics for the train and test splits (when labeled), with the imbalance plot and the
+    class-centroid similarities of DebiasPL Fig. 5 (when the cache holds image features)."""
+    from zeroshot_adapt.reports.plots import plot_centroid_similarity, plot_predictions_per_class
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -343,9 +358,30 @@ def zeroshot_report(config: RunConfig, out_dir: str | Path) -> dict[str, Any]:
                 title=f"CLIP zero-shot predictions per class — {config.data.dataset} {split}",
             )
         )
+        if preds.has_field("features"):
+            entry["centroid_similarity"] = centroid_similarity(preds)
+            entry["centroid_plot"] = str(plot_centroid_similarity(
+                entry["centroid_similarity"], out_dir / f"zeroshot_{split}_centroid_similarity.png",
+                title=f"class-centroid similarity — {config.data.dataset} {split}"))
         report[split] = entry
     write_json(report, out_dir / "zeroshot.json")
     return report
+
+
+def centroid_similarity(preds: TeacherPredictions) -> dict[str, Any]:
+    """DebiasPL Fig. 5 on the valid samples: per-class feature centroids (by true label where known, else by
+    CLIP's prediction); the 10 most / least predicted classes' similarity to their 9 nearest other centroids."""
+    from zeroshot_adapt.transduct.centroids import centroid_neighbours
+
+    valid = preds.valid
+    positions = np.flatnonzero(valid)
+    classes = list(preds.prompts.classes)
+    prediction = preds.prediction[valid]
+    by_label = preds.table.has_labels
+    groups = np.asarray(preds.table.labels)[valid] if by_label else prediction
+    counts = np.bincount(prediction, minlength=len(classes))
+    return centroid_neighbours(feature_source(preds, positions), np.asarray(groups, dtype=np.int64), counts,
+                               classes, grouping="label" if by_label else "prediction")
 
 
 def pseudolabel_report(config: RunConfig, out_dir: str | Path) -> dict[str, Any]:
@@ -358,11 +394,17 @@ def pseudolabel_report(config: RunConfig, out_dir: str | Path) -> dict[str, Any]
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused command leaves no folder behind
     table, classes = preds.table, list(preds.prompts.classes)
     labels = np.asarray(table.labels) if table.has_labels else None
-    confidence, prediction, valid = preds.confidence, preds.prediction, preds.valid  # corrupt: counted, not scored
-    selected = select_confident(confidence, prediction, tau) & valid
+    prediction, confidence = teacher_labels(config, preds)  # CLIP's, or refined by --teacher-method
+    valid = preds.valid  # corrupt: counted, not scored
+    selected = np.zeros(len(valid), dtype=bool)
+    selected[select_labeled_indices(config, confidence, prediction, np.flatnonzero(valid), len(classes))] = True
     valid_labels = None if labels is None else labels[valid]
-    report = selection_report(confidence[valid], prediction[valid], valid_labels, len(classes), tau, classes)
+    report = selection_report(confidence[valid], prediction[valid], valid_labels, len(classes), tau, classes,
+                              selected=None if config.pseudo.select == "threshold" else selected[valid])
     report["num_corrupt_skipped"] = int((~valid).sum())
+    report["teacher_method"] = config.transduct.method
+    report["select"] = config.pseudo.select
+    report["rules"] = selection_rules(config, confidence[valid], prediction[valid], valid_labels, classes)
     sweep = threshold_sweep(confidence[valid], prediction[valid], valid_labels, len(classes), class_names=classes)
     report["sweep"] = sweep
     report["sweep_plot"] = str(plot_threshold_sweep(sweep, out_dir / "pseudolabel_threshold_sweep.png"))
@@ -372,6 +414,175 @@ def pseudolabel_report(config: RunConfig, out_dir: str | Path) -> dict[str, Any]
         for key, label, conf, keep in zip(table.keys, prediction, confidence, selected, strict=True):
             writer.writerow([key, int(label), f"{float(conf):.6f}", int(keep)])
     write_json(report, out_dir / "pseudolabels.json")
+    return report
+
+
+# ----------------------------------------------------------------------------- transduction (teacher refinement)
+
+DERIVED_DIR = "derived"  # refined prediction sets live in <cache root>/derived/<digest>/ (transduct.store)
+
+
+def derived_root(config: RunConfig) -> Path:
+    return cache_root(config) / DERIVED_DIR
+
+
+def feature_source(preds: TeacherPredictions, positions: np.ndarray):  # -> transduct.FeatureSource | None
+    """The cached image features of the table positions ``positions``, read in chunks (None when absent)."""
+    from zeroshot_adapt.transduct import FeatureSource
+
+    if not preds.has_field("features"):
+        return None
+    dim = int(preds.field_rows("features", positions[:1]).shape[1])
+    return FeatureSource(len(positions), dim, lambda rows: preds.field_rows("features", positions[rows]))
+
+
+def zeroshot_probabilities(preds: TeacherPredictions, positions: np.ndarray, chunk_rows: int = 65536) -> np.ndarray:
+    """float32 [len(positions), C]: softmax of the cached logits (the teacher's own logit scale), by chunks."""
+    from zeroshot_adapt.transduct.base import softmax
+
+    num_classes = len(preds.prompts.classes)
+    out = np.empty((len(positions), num_classes), dtype=np.float32)
+    for start in range(0, len(positions), chunk_rows):
+        stop = min(start + chunk_rows, len(positions))
+        out[start:stop] = softmax(preds.field_rows("logits", positions[start:stop]).astype(np.float32))
+    return out
+
+
+@dataclass
+class RefinedPredictions:
+    """A teacher's predictions after a transduction chain, aligned with ``preds.table`` (invalid rows: zeros)."""
+
+    chain: list[str]
+    derived: Any  # transduct.store.DerivedPredictions (probabilities, prediction, confidence, valid, hit)
+    steps: list[dict[str, Any]] | None  # per method: params and seconds; None when read from the store
+
+
+def refined_predictions(config: RunConfig, preds: TeacherPredictions, chain: str | None = None) -> RefinedPredictions:
+    """Run ``chain`` (default ``config.transduct.method``) on the valid samples of ``preds``, or read the
+    derived set stored by an earlier run with the same base cache, chain and parameters."""
+    from zeroshot_adapt.transduct import TransductInputs, chain_identity, parse_chain, refine
+    from zeroshot_adapt.transduct.knn import KnnSettings
+    from zeroshot_adapt.transduct.store import get_or_compute, rows_fingerprint
+
+    names = parse_chain(chain or config.transduct.method)
+    valid = preds.valid
+    positions = np.flatnonzero(valid)
+    if len(positions) == 0:
+        raise UserError(f"no valid sample in {preds.table.dataset}/{preds.table.split} to refine")
+    features = feature_source(preds, positions)
+    identity = {
+        "base_cache": preds.cache.digest,
+        "rows": rows_fingerprint(preds.rows),
+        "num_samples": len(preds.table),
+        "chain": chain_identity(names, config.transduct, len(positions), None if features is None else features.dim),
+    }
+    steps: list[dict[str, Any]] = []
+
+    def compute() -> tuple[np.ndarray, np.ndarray]:
+        inputs = TransductInputs(features=features, text_classifier=preds.text_classifier,
+                                 knn=KnnSettings.from_config(config.transduct))
+        result = refine(zeroshot_probabilities(preds, positions), names, config.transduct, inputs)
+        steps.extend(result.steps)
+        full = np.zeros((len(valid), len(preds.prompts.classes)), dtype=np.float32)
+        full[positions] = result.probabilities
+        return full, valid
+
+    derived = get_or_compute(derived_root(config), identity, compute)
+    return RefinedPredictions(names, derived, None if derived.hit else steps)
+
+
+def teacher_labels(config: RunConfig, preds: TeacherPredictions) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction [N], confidence [N]) of the teacher named by ``config.transduct.method``: CLIP's own cached
+    values for ``zeroshot`` (unchanged, bit for bit), else the argmax / max of the refined probabilities."""
+    from zeroshot_adapt.transduct import parse_chain
+
+    if all(name == "zeroshot" for name in parse_chain(config.transduct.method)):
+        return preds.prediction, preds.confidence
+    refined = refined_predictions(config, preds).derived
+    return refined.prediction, refined.confidence
+
+
+def select_labeled_indices(
+    config: RunConfig, confidence: np.ndarray, prediction: np.ndarray, candidates: np.ndarray, num_classes: int
+) -> np.ndarray:
+    """Sorted rows (among ``candidates``) of the labeled set: confidence >= tau_clip, or GRIP's top-K per
+    predicted class (``pseudo.select``)."""
+    pseudo = config.pseudo
+    if pseudo.select == "threshold":
+        selected = select_confident(confidence, prediction, pseudo.tau_clip)
+        return np.intersect1d(np.flatnonzero(selected), candidates)
+    chosen = select_top_k_per_class(confidence[candidates], prediction[candidates], num_classes,
+                                    per_class=pseudo.per_class, fraction=pseudo.per_class_fraction)
+    return np.sort(candidates[chosen])
+
+
+def selection_rules(config: RunConfig, confidence: np.ndarray, prediction: np.ndarray, labels: np.ndarray | None,
+                    classes: list[str]) -> dict[str, Any]:
+    """What each selection rule keeps and leaves empty: the tau_clip threshold always, and the top-K rule
+    when it is configured (``pseudo.select=topk``)."""
+    num_classes = len(classes)
+    rules = {f"threshold {config.pseudo.tau_clip:g}": rule_summary(
+        select_confident(confidence, prediction, config.pseudo.tau_clip), prediction, labels, num_classes, classes)}
+    if config.pseudo.select == "topk":
+        pseudo = config.pseudo
+        name = (f"top-{pseudo.per_class} per class" if pseudo.per_class is not None
+                else f"top {pseudo.per_class_fraction:g} of each class")
+        mask = select_top_k_per_class(confidence, prediction, num_classes, per_class=pseudo.per_class,
+                                      fraction=pseudo.per_class_fraction)
+        rules[name] = rule_summary(mask, prediction, labels, num_classes, classes)
+    return rules
+
+
+TRANSDUCT_SPLITS = ("train", "test")
+
+
+def transduct_report(
+    config: RunConfig, out_dir: str | Path, splits: tuple[str, ...] = TRANSDUCT_SPLITS
+) -> dict[str, Any]:
+    """`zsa transduct`: refine the teacher's predictions with ``config.transduct.method`` on each split, store
+    them as a derived prediction set, and report them next to CLIP zero-shot (JSON + plots).
+
+    A test split the dataset does not have is skipped (with a warning) when both splits are asked for."""
+    from zeroshot_adapt.reports.plots import plot_class_count_comparison, plot_predictions_per_class
+    from zeroshot_adapt.transduct import chain_name, parse_chain
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chain = chain_name(parse_chain(config.transduct.method))
+    report: dict[str, Any] = {"dataset": config.data.dataset, "model": config.teacher.model,
+                              "pretrained": config.teacher.pretrained, "method": chain}
+    for split in splits:
+        try:
+            preds = teacher_predictions(config, split)
+        except UserError as error:
+            if split == "test" and len(splits) > 1:
+                log.warning("no test split to refine: %s", error)
+                report["skipped"] = {split: str(error)}
+                continue
+            raise
+        refined = refined_predictions(config, preds)
+        derived, valid = refined.derived, preds.valid
+        classes = list(preds.prompts.classes)
+        labels = np.asarray(preds.table.labels)[valid] if preds.table.has_labels else None
+        entry = classification_report(np.asarray(derived.probabilities[valid], dtype=np.float32),
+                                      derived.prediction[valid], labels, classes)
+        zeroshot = preds.zeroshot_report()
+        entry["zeroshot"] = {key: zeroshot[key] for key in
+                             ("top1", "mean_per_class_recall", "imbalance_ratio", "prediction_counts")}
+        entry["num_corrupt_skipped"] = int((~valid).sum())
+        entry["derived"] = {"directory": str(derived.directory), "hit": derived.hit}
+        entry["identity"] = derived.identity["chain"]
+        entry["steps"] = refined.steps
+        slug = chain.replace(",", "+")
+        entry["plot"] = str(plot_predictions_per_class(
+            entry["prediction_counts"], classes, out_dir / f"transduct_{slug}_{split}_predictions_per_class.png",
+            title=f"{chain} predictions per class — {config.data.dataset} {split}"))
+        entry["comparison_plot"] = str(plot_class_count_comparison(
+            {"CLIP zero-shot": zeroshot["prediction_counts"], chain: entry["prediction_counts"]}, classes,
+            out_dir / f"transduct_{slug}_{split}_vs_zeroshot.png",
+            title=f"predictions per class — {config.data.dataset} {split}"))
+        report[split] = entry
+    write_json(report, out_dir / "transduct.json")
     return report
 
 
@@ -400,7 +611,8 @@ def prepare_training_data(config: RunConfig) -> TrainingData:
     if use_clip:
         preds = teacher_predictions(config, "train")
         train, classes = preds.table, list(preds.prompts.classes)
-        clip_label, clip_conf, valid = preds.prediction, preds.confidence, preds.valid
+        clip_label, clip_conf = teacher_labels(config, preds)  # CLIP's, or refined by --teacher-method
+        valid = preds.valid
     else:
         train = load_table(config, "train")
         classes = list(train.class_names)
@@ -433,8 +645,7 @@ def prepare_training_data(config: RunConfig) -> TrainingData:
                 f"{int((labeled_targets < 0).sum())} keys in {config.ssl.labels_file!r} have no ground-truth label"
             )
     else:
-        selected = select_confident(clip_conf, clip_label, config.pseudo.tau_clip)
-        labeled_indices = np.intersect1d(np.flatnonzero(selected), keep)
+        labeled_indices = select_labeled_indices(config, clip_conf, clip_label, keep, len(classes))
         labeled_targets = clip_label[labeled_indices]  # CLIP's labels, never the ground truth
     clip_test = None
     test = None
@@ -615,7 +826,9 @@ def _adapt(config: RunConfig, *, stop_after_steps: int | None, data: TrainingDat
         "step": result.step,
         "total_steps": total,
         "labeled_set": {"size": int(len(data.labeled_indices)), "source": "human" if config.ssl.enabled else "clip",
-                        "tau_clip": None if config.ssl.enabled else config.pseudo.tau_clip},
+                        "tau_clip": None if config.ssl.enabled else config.pseudo.tau_clip,
+                        "select": None if config.ssl.enabled else config.pseudo.select,
+                        "teacher_method": config.transduct.method},
         "unlabeled_set": {"size": int(len(data.unlabeled_indices))},
     }
     if result.history:
@@ -708,9 +921,17 @@ def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 _ABSENT = "(absent)"
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(dotted key, saved value, current value) for every key that differs, except RESUME_IGNORED_KEYS."""
+def config_differences(
+    saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) for every key that differs, except RESUME_IGNORED_KEYS.
+
+    defaults: the config's defaults; a key the saved config lacks (added to the config since the run
+    started) counts as its default, which is what that run used."""
     old, new = _flatten(_plain(saved)), _flatten(_plain(current))
+    for key, value in _flatten(_plain(defaults or {})).items():
+        if key in new:
+            old.setdefault(key, value)
     keys = sorted(set(old) | set(new))
     return [(k, old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in keys
             if k not in RESUME_IGNORED_KEYS and old.get(k, _ABSENT) != new.get(k, _ABSENT)]
@@ -731,7 +952,7 @@ def check_resume_config(config: RunConfig, run_dir: Path) -> None:
     if not isinstance(saved, dict):
         raise UserError(f"checkpoint {str(checkpoint)!r} holds no run config; delete it (or use another --run-dir) "
                         "to start the run over")
-    changed = config_differences(saved, to_dict(config))
+    changed = config_differences(saved, to_dict(config), to_dict(RunConfig()))
     if changed:
         lines = "\n  ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in changed)
         raise UserError(

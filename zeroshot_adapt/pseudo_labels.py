@@ -20,6 +20,12 @@ Definitions (per class ``c``, over samples whose true label is known):
   :func:`zeroshot_adapt.reports.metrics.classification_report`'s ``imbalance_ratio`` runs over *all* classes
   (None when one is never predicted), as a test-set metric should.
 
+Class-balanced selection (GRIP, Menghini, Delworth, Bach, "Enhancing CLIP with CLIP: exploring
+pseudolabeling for limited-label prompt tuning", NeurIPS 2023): instead of one global threshold (CLIP is
+miscalibrated, and 0.95 leaves classes empty), keep the K most confident samples of each *predicted*
+class (:func:`select_top_k_per_class`); a class CLIP never predicts stays empty under any rule.
+:func:`rule_summary` gives what each rule keeps and leaves empty, for side-by-side reports.
+
 Labels are optional (a real unlabeled dataset has none): pass ``None``; negative entries (the data
 layer's ``UNKNOWN_LABEL = -1``) mark samples without a label and are left out of the label statistics.
 All functions are pure numpy and return JSON-serializable results.
@@ -44,14 +50,18 @@ from zeroshot_adapt.reports.metrics import (
 
 __all__ = [
     "DEFAULT_SWEEP_THRESHOLDS",
+    "SELECTION_RULES",
     "class_imbalance_ratio",
+    "rule_summary",
     "select_confident",
+    "select_top_k_per_class",
     "selection_report",
     "threshold_sweep",
     "validate_tau_clip",
 ]
 
 DEFAULT_SWEEP_THRESHOLDS = (0.2, 0.4, 0.6, 0.8, 0.9, 0.95)  # the tau_clip values of the paper's Table 9
+SELECTION_RULES = ("threshold", "topk")
 
 
 def validate_tau_clip(tau_clip: Any, name: str = "tau_clip") -> float:
@@ -104,6 +114,76 @@ def select_confident(confidence: Any, prediction: Any, tau_clip: float) -> np.nd
             f"prediction shape {tuple(prediction.shape)} does not match confidence shape {tuple(confidence.shape)}"
         )
     return _mask_at(confidence, tau_clip)
+
+
+def select_top_k_per_class(
+    confidence: Any,
+    prediction: Any,
+    num_classes: int,
+    *,
+    per_class: int | None = None,
+    fraction: float | None = None,
+) -> np.ndarray:
+    """[N] bool: per predicted class c, its ``per_class`` most confident samples, or ``ceil(fraction * n_c)``
+    of its n_c predicted samples (GRIP). Exactly one of per_class / fraction. A class with fewer
+    predictions keeps them all; one never predicted keeps none. Ties: the earlier sample wins. NaN
+    confidences are never kept.
+
+    confidence: [N]; prediction: [N] class ids in [0, C). Raises UserError for a bad per_class / fraction.
+    """
+    if (per_class is None) == (fraction is None):
+        raise UserError("class-balanced selection needs exactly one of per_class (K per class) and fraction")
+    if per_class is not None and (isinstance(per_class, bool) or int(per_class) != per_class or per_class < 1):
+        raise UserError(f"per_class={per_class!r} must be a whole number >= 1 (samples kept per predicted class)")
+    if fraction is not None and not 0.0 < float(fraction) <= 1.0:
+        raise UserError(f"per_class_fraction={fraction!r} must be in (0, 1] (share of each predicted class kept)")
+    confidence = _as_confidence(confidence)
+    prediction = _as_class_ids(prediction, "prediction", len(confidence), num_classes, allow_unknown=False)
+    usable = ~np.isnan(confidence)
+    # one stable sort: by class, then by confidence descending, then by position
+    order = np.lexsort((np.arange(len(confidence)), -np.where(usable, confidence, -np.inf), prediction))
+    order = order[usable[order]]
+    classes = prediction[order]
+    starts = np.searchsorted(classes, np.arange(num_classes), side="left")
+    sizes = _bincount(classes, num_classes)
+    if per_class is not None:
+        quota = np.minimum(sizes, int(per_class))
+    else:
+        quota = np.ceil(float(fraction) * sizes).astype(np.int64)
+    rank = np.arange(len(order)) - starts[classes]
+    mask = np.zeros(len(confidence), dtype=bool)
+    mask[order[rank < quota[classes]]] = True
+    return mask
+
+
+def rule_summary(
+    selected: Any,
+    prediction: Any,
+    labels: Any | None,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """What one selection rule keeps: ``kept``, ``kept_fraction``, ``kept_counts`` [C], ``imbalance_ratio``
+    (over non-empty classes), ``num_empty_classes``, ``empty_classes`` (names) and, with labels,
+    ``precision`` (None without). selected: [N] bool; prediction: [N]; labels: [N] (negative = unknown) or None."""
+    selected = np.asarray(selected, dtype=bool)
+    prediction = _as_class_ids(prediction, "prediction", len(selected), num_classes, allow_unknown=False)
+    names = class_name_list(class_names, num_classes)
+    counts = _bincount(prediction[selected], num_classes)
+    precision = None
+    if labels is not None:
+        label_array = _as_class_ids(labels, "labels", len(selected), num_classes, allow_unknown=True)
+        known = selected & (label_array >= 0)
+        precision = safe_ratio(int((prediction[known] == label_array[known]).sum()), int(known.sum()))
+    return {
+        "kept": int(counts.sum()),
+        "kept_fraction": safe_ratio(counts.sum(), len(selected)),
+        "kept_counts": counts.tolist(),
+        "imbalance_ratio": finite_or_none(class_imbalance_ratio(counts, nonempty_only=True)),
+        "num_empty_classes": int((counts == 0).sum()),
+        "empty_classes": [names[c] for c in np.flatnonzero(counts == 0)],
+        "precision": precision,
+    }
 
 
 def _bincount(values: np.ndarray, num_classes: int) -> np.ndarray:
@@ -159,11 +239,14 @@ def selection_report(
     num_classes: int,
     tau_clip: float,
     class_names: Sequence[str] | None = None,
+    *,
+    selected: Any | None = None,
 ) -> dict[str, Any]:
     """What the ``tau_clip`` filter keeps: sizes, class balance and (with labels) its quality.
 
     confidence: [N] float; prediction: [N] CLIP argmax in [0, C); labels: [N] true ids (negative =
-    unknown) or None; class_names: C names (default "0".."C-1").
+    unknown) or None; class_names: C names (default "0".."C-1"). selected: [N] bool, the kept set of
+    another rule (e.g. :func:`select_top_k_per_class`) reported instead of ``confidence >= tau_clip``.
 
     Keys: ``tau_clip``, ``total`` (N), ``num_classes``, ``kept`` (samples with confidence >= tau_clip),
     ``kept_fraction``, ``kept_counts`` (length C, by CLIP label), ``imbalance_ratio`` (max/min of
@@ -178,7 +261,12 @@ def selection_report(
     tau_clip = validate_tau_clip(tau_clip)
     confidence, prediction, labels = _prepare(confidence, prediction, labels, num_classes)
     names = class_name_list(class_names, num_classes)
-    kept_mask = _mask_at(confidence, tau_clip)
+    if selected is None:
+        kept_mask = _mask_at(confidence, tau_clip)
+    else:
+        kept_mask = np.asarray(selected, dtype=bool)
+        if kept_mask.shape != confidence.shape:
+            raise ValueError(f"selected must have shape [{len(confidence)}]; got {tuple(kept_mask.shape)}")
     kept = _set_statistics(kept_mask, prediction, labels, num_classes)
     rejected = _set_statistics(~kept_mask, prediction, labels, num_classes)
     counts = kept["counts"]

@@ -298,3 +298,85 @@ def plot_accuracy_bars(
     ax.margins(y=0.12)
     ax.legend(fontsize=8)
     return _save(figure, path)
+
+
+def plot_class_count_comparison(
+    series: Mapping[str, Any],
+    class_names: Sequence[str] | None,
+    path: str | os.PathLike[str],
+    title: str = "Predictions per class",
+) -> Path:
+    """Per-class counts of several predictors side by side (e.g. CLIP zero-shot vs a transduction method).
+
+    series: ``{name: counts [C]}``, all of one length; classes are sorted by the first series' count,
+    descending, so a flatter second curve means a more balanced predictor. A dashed line marks the
+    balanced count. Grouped bars up to MAX_BARS classes, step curves above; names label the ticks up
+    to MAX_TICK_LABELS classes.
+    """
+    if not series:
+        raise ValueError("series is empty; give {name: counts}")
+    rows = {name: _as_counts(counts, name=f"counts of {name!r}") for name, counts in series.items()}
+    lengths = {len(values) for values in rows.values()}
+    if len(lengths) != 1:
+        raise ValueError("every series must have one count per class (the same length)")
+    num_classes = lengths.pop()
+    names = class_name_list(class_names, num_classes)
+    order = np.argsort(-next(iter(rows.values())), kind="stable")
+
+    figure = _new_figure(max(6.0, min(14.0, 0.35 * num_classes * max(1, len(rows) / 2))), 4.0)
+    ax = figure.add_subplot()
+    positions = np.arange(num_classes)
+    width = 0.85 / len(rows)
+    for index, ((name, values), color) in enumerate(zip(rows.items(), _category_colors(len(rows)), strict=True)):
+        if num_classes > MAX_BARS:
+            ax.step(positions, values[order], where="mid", color=color, linewidth=1.2, label=name)
+        else:
+            ax.bar(positions + (index - (len(rows) - 1) / 2) * width, values[order], width=width, color=color,
+                   label=name)
+    total = next(iter(rows.values())).sum()
+    ax.axhline(total / num_classes, color="black", linestyle="--", linewidth=1, label="balanced")
+    if num_classes <= MAX_TICK_LABELS:
+        ax.set_xticks(positions, [names[c] for c in order], rotation=60, ha="right", fontsize=8)
+        ax.set_xlabel(f"class (sorted by {next(iter(rows))} count)")
+    else:
+        ax.set_xlabel(f"class rank by {next(iter(rows))} count ({num_classes} classes)")
+    ax.set_xlim(-0.6, num_classes - 0.4)
+    ax.set_ylabel("count")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def plot_centroid_similarity(
+    record: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    title: str = "Class-centroid similarity (DebiasPL Fig. 5)",
+) -> Path:
+    """Cosine similarity of each class centroid to its nearest other centroids, by neighbour rank.
+
+    record: :func:`zeroshot_adapt.transduct.centroids.centroid_neighbours` output. One thin line per
+    class (blue: most predicted, red: least predicted), thick lines for each group's mean; higher
+    curves mean a class whose images sit close to other classes (easy to confuse).
+    """
+    figure = _new_figure(7.0, 4.5)
+    ax = figure.add_subplot()
+    groups = (("most_predicted", "tab:blue", "most predicted"), ("least_predicted", "tab:red", "least predicted"))
+    plotted = False
+    for key, color, label in groups:
+        curves = [entry["similarities"] for entry in record.get(key, []) if entry["similarities"]]
+        for curve in curves:
+            ax.plot(np.arange(1, len(curve) + 1), curve, color=color, alpha=0.3, linewidth=0.8)
+        if curves:
+            width = min(len(c) for c in curves)
+            mean = np.mean([c[:width] for c in curves], axis=0)
+            ax.plot(np.arange(1, width + 1), mean, color=color, linewidth=2.5,
+                    label=f"{label} ({len(curves)} classes), mean {float(np.mean(mean)):.3f}")
+            plotted = True
+    if not plotted:
+        ax.text(0.5, 0.5, "fewer than 2 classes with samples", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.legend(fontsize=8)
+    ax.set_xlabel("neighbour rank (nearest other class centroid first)")
+    ax.set_ylabel("cosine similarity of centroids")
+    ax.set_title(f"{title} (classes by {record.get('grouping', 'label')})")
+    return _save(figure, path)
