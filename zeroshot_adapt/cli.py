@@ -115,7 +115,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder; re-run the same command to resume")
     p.add_argument("--config", help="YAML recipe applied to every dataset (on top of its preset)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted config override for every dataset, repeatable")
+                   help="dotted config override for every dataset, repeatable (a datasets-file entry's own "
+                        "overrides win)")
     p.add_argument("--model", help="open_clip teacher for every dataset (default: each dataset's preset)")
     p.add_argument("--pretrained", help="open_clip pretrained tag or a local checkpoint path")
     p.add_argument("--cache-dir", help="where CLIP prediction caches live (default ~/.cache/zeroshot-adapt)")
