@@ -135,6 +135,47 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch threads (results are reproducible per count)")
     p.add_argument("--mnist-dir", help="MNIST IDX folder for the optional MNIST zero-shot report")
 
+    p = sub.add_parser(
+        "suite",
+        help="run datasets x methods x seeds with one teacher and recipe; one table (resumable, failures recorded)",
+        description="Run every (dataset, method, seed) cell, skipping cells whose record exists; write one "
+        "CLIP_benchmark-shaped JSON record per cell, results.csv, results.md and figures under --out. "
+        "Exit status 1 when some cells failed (the others still ran), 130 when interrupted (re-run to resume).",
+    )
+    p.add_argument("--datasets", nargs="+", required=True, metavar="DATASET[=PATH]|FILE",
+                   help="registered names or aliases (imagenet1k, vtab/eurosat, ...), NAME=PATH for a local copy, "
+                        "or a datasets file (.yaml/.csv: name, dataset, data_dir, prompts, student_from, overrides; "
+                        ".txt: one item per line)")
+    p.add_argument("--methods", nargs="+", required=True, metavar="METHOD",
+                   help="zeroshot and the training algorithms (see `zsa algorithms`), space-separated")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED",
+                   help="seeds of the seeded methods (default 0); deterministic methods run once")
+    p.add_argument("--out", required=True, help="output folder; re-run the same command to resume")
+    p.add_argument("--config", help="YAML recipe applied to every dataset (on top of its preset)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override for every dataset, repeatable (a datasets-file entry's own "
+                        "overrides win)")
+    p.add_argument("--model", help="open_clip teacher for every dataset (default: each dataset's preset)")
+    p.add_argument("--pretrained", help="open_clip pretrained tag or a local checkpoint path")
+    p.add_argument("--cache-dir", help="where CLIP prediction caches live (default ~/.cache/zeroshot-adapt)")
+    p.add_argument("--num-workers", type=int, help="DataLoader workers")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    p = sub.add_parser(
+        "evaluate",
+        help="score a run's student on other datasets (e.g. ImageNet-V2/-R/-Sketch/-A) next to CLIP zero-shot",
+        description="Load the student a run saved (RUN/student.pt) and score it on each dataset's whole test "
+        "set; classes are mapped onto the student's outputs from the prompt files (WordNet ids), so the "
+        "200-class ImageNet-R / -A are scored on those 200 logits. CLIP zero-shot runs on the same images.",
+    )
+    p.add_argument("--run-dir", required=True, help="a finished `zsa adapt` run directory")
+    p.add_argument("--datasets", nargs="+", required=True, metavar="DATASET[=PATH]|FILE",
+                   help="e.g. imagenet-v2 imagenet-r imagenet-sketch imagenet-a (NAME=PATH for local copies)")
+    p.add_argument("--out", help="output folder (default RUN/robustness)")
+    p.add_argument("--cache-dir", help="where CLIP prediction caches live (default: the run's)")
+    p.add_argument("--num-workers", type=int, help="DataLoader workers")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
     sub.add_parser("datasets", help="list registered datasets")
     sub.add_parser("algorithms", help="list registered algorithms")
     sub.add_parser("transduct-methods", help="list the training-free transduction methods")
@@ -213,13 +254,18 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.command == "train-teacher":
         return _train_teacher(args)
     if args.command == "datasets":
-        from zeroshot_adapt.data.registry import dataset_names, get_spec
+        from zeroshot_adapt.data.registry import dataset_aliases, dataset_names, get_spec
 
         for name in dataset_names():
             spec = get_spec(name)
             prompts = f"prompts/{spec.prompts}.json" if spec.prompts else "folder names"
-            print(f"{name:16s} {spec.hf_id or '(local or bundled)':36s} {prompts}")
+            aliases = ", ".join(dataset_aliases(name))
+            print(f"{name:16s} {spec.hf_id or '(local or bundled)':36s} {prompts:28s} {aliases}".rstrip())
         return 0
+    if args.command == "suite":
+        return _suite(args)
+    if args.command == "evaluate":
+        return _evaluate(args)
     if args.command == "algorithms":
         from zeroshot_adapt.algorithms import ALGORITHMS
 
@@ -470,6 +516,50 @@ def _baseline(args: argparse.Namespace, config) -> int:
             print(f"  {name}: top-1 {100 * entry['top1']:.2f}%, "
                   f"mean per-class recall {100 * entry['mean_per_class_recall']:.2f}%")
     print(f"  report: {Path(config.run_dir) / 'report.json'}")
+    return 0
+
+
+EXIT_CELLS_FAILED = 1  # `zsa suite`: some cells failed (the others ran; their errors are in the table)
+
+
+def _suite(args: argparse.Namespace) -> int:
+    from zeroshot_adapt import suite
+
+    if args.config is not None and not Path(args.config).is_file():
+        raise UserError(f"config file {args.config!r} does not exist")
+    entries = suite.dataset_entries(args.datasets)
+    settings = suite.SuiteSettings(out_dir=Path(args.out), config_file=args.config,
+                                   overrides=tuple(_overrides(args)))
+    try:
+        summary = suite.run_suite(entries, args.methods, args.seeds, settings)
+    except suite.SuiteInterrupted as error:
+        print(f"zsa: interrupted ({error}); re-run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    out = Path(args.out)
+    print((out / suite.RESULTS_MD).read_text())
+    print(f"{len(summary.ran)} cells run, {len(summary.skipped)} finished before, {summary.num_failed} failed; "
+          f"table: {out / suite.RESULTS_MD}, {out / suite.RESULTS_CSV}; records: {out / suite.RECORDS_DIR}")
+    return EXIT_CELLS_FAILED if summary.num_failed else 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from zeroshot_adapt import pipeline, suite
+    from zeroshot_adapt.stages import run_config
+
+    trained = run_config(args.run_dir)
+    if args.cache_dir is not None:
+        trained = replace(trained, teacher=replace(trained.teacher, cache_dir=str(Path(args.cache_dir).expanduser())))
+    if args.num_workers is not None:
+        trained = replace(trained, data=replace(trained.data, num_workers=args.num_workers))
+    configs = [(entry.name, pipeline.variant_config(trained, entry.dataset, data_dir=entry.data_dir,
+                                                    prompts=entry.prompts))
+               for entry in suite.dataset_entries(args.datasets)]
+    out = Path(args.out) if args.out else Path(args.run_dir) / "robustness"
+    report = pipeline.robustness_report(args.run_dir, configs, out)
+    print(report["table"])
+    print(f"report: {out / 'robustness.json'}")
     return 0
 
 

@@ -33,7 +33,7 @@ from zeroshot_adapt.config import (
 from zeroshot_adapt.data.base import SampleTable
 from zeroshot_adapt.data.registry import get_spec, load_split
 from zeroshot_adapt.errors import UserError
-from zeroshot_adapt.fileio import atomic_write
+from zeroshot_adapt.fileio import atomic_write, atomic_write_text
 from zeroshot_adapt.pseudo_labels import (
     rule_summary,
     select_confident,
@@ -68,6 +68,7 @@ def resolve_config(
         if item.startswith("data.dataset="):
             name = item.split("=", 1)[1]
     spec = get_spec(name)
+    name = spec.name  # an alias (`imagenet1k`, `vtab/eurosat`) resolves to the registered name
     config = replace(config, data=replace(config.data, dataset=name))
     config = apply_mapping(config, dict(spec.overrides))
     config = apply_mapping(config, file_values)
@@ -196,7 +197,7 @@ def _compute_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-TEACHER_FAMILY_KEYS = ("model", "weights", "templates", "class_names", "preprocess", "compute")
+TEACHER_FAMILY_KEYS = ("model", "weights", "templates", "class_names", "preprocess", "compute", "class_prompts")
 
 
 def teacher_family(config: RunConfig, prompts: PromptSet) -> dict[str, Any]:
@@ -219,6 +220,8 @@ def teacher_family(config: RunConfig, prompts: PromptSet) -> dict[str, Any]:
             compiled=config.teacher.compile,
         ),
     }
+    if prompts.class_prompts is not None:  # CuPL-style prompts (absent otherwise: template caches keep their key)
+        identity["class_prompts"] = [list(texts) for texts in prompts.class_prompts]
     return identity
 
 
@@ -264,7 +267,7 @@ def teacher_predictions(
             raise CacheMiss("rebuild requested")
         cache = PredictionCache.open(root, identity)
     except CacheMiss:
-        family = {key: identity[key] for key in TEACHER_FAMILY_KEYS}
+        family = {key: identity[key] for key in TEACHER_FAMILY_KEYS if key in identity}
         cache = _build_teacher_cache(config, table, prompts, identity, family, root, progress=progress,
                                      rebuild=rebuild)
     try:
@@ -935,6 +938,101 @@ def config_differences(
     keys = sorted(set(old) | set(new))
     return [(k, old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in keys
             if k not in RESUME_IGNORED_KEYS and old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+
+
+# ----------------------------------------------------------------------------- robustness evaluation
+
+ROBUSTNESS_SUMMARY_KEYS = ("top1", "top5", "mean_per_class_recall")
+
+
+def variant_config(run_config: RunConfig, dataset: str, *, data_dir: str | None = None,
+                   prompts: str | None = None) -> RunConfig:
+    """The config that scores `run_config`'s student (and its CLIP teacher) on another dataset, e.g. an
+    ImageNet-adapted run on ImageNet-V2 / -R / -Sketch / -A: the run's teacher, student and image size, the
+    variant's data and prompts (its own prompt file unless `prompts`), and the whole split when the variant
+    has a single one (holdout 0: every image is scored)."""
+    spec = get_spec(dataset)
+    data = replace(run_config.data, dataset=spec.name, data_dir=data_dir, train_split=None, test_split=None,
+                   holdout_fraction=0.0)
+    return validate_config(replace(run_config, data=data, teacher=replace(run_config.teacher, prompts=prompts)))
+
+
+def model_classes(config: RunConfig) -> PromptSet:
+    """The classes a run's student outputs, in output order: the run's prompt file (its --prompts or the
+    dataset's own), else its training split's class names (generic image folders)."""
+    name = config.teacher.prompts or get_spec(config.data.dataset).prompts
+    if name is not None:
+        return load_prompts(name)
+    return prompts_for(config, load_table(config, "train"))
+
+
+def evaluate_student_on(run_dir: str | Path, config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Score the student saved in `run_dir` on `config`'s test split (see `variant_config`), next to CLIP
+    zero-shot on the same images.
+
+    Dataset classes are mapped onto the student's outputs from data (`class_subsets.class_columns`: the
+    prompt files' WordNet ids for ImageNet-R / -A, identical class lists for -V2 ...); the student's logits
+    are restricted to those columns before the argmax (the standard 200-class protocol of -R and -A).
+    ``student_all_outputs_top1`` is the unmasked accuracy (argmax over every output), for comparison.
+    Images the CLIP cache marked corrupt are skipped for both, and counted."""
+    from zeroshot_adapt.class_subsets import all_outputs_top1, class_columns, restrict_logits
+    from zeroshot_adapt.data.transforms import build_transforms
+    from zeroshot_adapt.stages import load_trained_student, predict_table, run_config
+
+    run_dir = Path(run_dir)
+    trained = run_config(run_dir)
+    outputs = model_classes(trained)
+    preds = teacher_predictions(config, "test", progress=progress)
+    table, classes = preds.table, preds.prompts
+    if not table.has_labels:
+        raise UserError(f"dataset {config.data.dataset!r} has no labels in its test split: nothing to score")
+    mapping = class_columns(classes.classes, outputs.classes, dataset_ids=classes.folder_names,
+                            model_ids=outputs.folder_names, dataset=repr(config.data.dataset))
+    student = load_trained_student(trained, len(outputs.classes), run_dir / "student.pt")
+    valid = np.flatnonzero(preds.valid)
+    transform = build_transforms(trained.data.image_size, recipe="auto", hflip=False).eval
+    logits, _ = predict_table(student, table, valid, transform, num_workers=config.data.num_workers)
+    labels = np.asarray(table.labels)[valid]
+    restricted = restrict_logits(logits, mapping.columns)
+    report = classification_report(restricted, restricted.argmax(axis=1), labels, list(classes.classes))
+    clip = preds.zeroshot_report()
+    return {
+        "dataset": config.data.dataset,
+        "run_dir": str(run_dir),
+        "trained_on": trained.data.dataset,
+        "num_samples": int(len(table)),
+        "num_corrupt_skipped": int(len(table) - len(valid)),
+        "class_mapping": {"dataset_classes": int(len(mapping.columns)), "model_outputs": mapping.num_model_classes,
+                          "matched_by": mapping.matched_by, "identity": mapping.is_identity},
+        "student": {k: report[k] for k in (*ROBUSTNESS_SUMMARY_KEYS, "prediction_counts")},
+        "student_all_outputs_top1": all_outputs_top1(logits, labels, mapping.columns),
+        "clip_zeroshot": {k: clip[k] for k in (*ROBUSTNESS_SUMMARY_KEYS, "prediction_counts")},
+        "teacher": {"model": config.teacher.model, "pretrained": config.teacher.pretrained},
+        "student_arch": trained.student.arch,
+        "dataset_fingerprint": table.fingerprint,
+    }
+
+
+def robustness_report(run_dir: str | Path, configs: list[tuple[str, RunConfig]], out_dir: str | Path) -> dict[str, Any]:
+    """`evaluate_student_on` for each (label, variant config); writes robustness.json and robustness.md."""
+    out_dir = Path(out_dir)
+    results = {label: evaluate_student_on(run_dir, config) for label, config in configs}
+    write_json({"run_dir": str(run_dir), "datasets": results}, out_dir / "robustness.json")
+    lines = ["| dataset | classes (of outputs) | student top-1 | student, all outputs | CLIP zero-shot top-1 |",
+             "|---|---|---|---|---|"]
+
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.2f}"
+
+    for label, result in results.items():
+        mapping = result["class_mapping"]
+        lines.append(f"| {label} | {mapping['dataset_classes']} of {mapping['model_outputs']} "
+                     f"({mapping['matched_by']}) | {pct(result['student']['top1'])} | "
+                     f"{pct(result['student_all_outputs_top1'])} | {pct(result['clip_zeroshot']['top1'])} |")
+    table = "\n".join(lines) + "\n"
+    atomic_write_text(out_dir / "robustness.md", f"# Robustness of {run_dir}\n\n{table}")
+    return {"run_dir": str(run_dir), "datasets": results, "table": table}
+
 
 
 def check_resume_config(config: RunConfig, run_dir: Path) -> None:

@@ -255,12 +255,15 @@ def plot_accuracy_bars(
     path: str | os.PathLike[str],
     title: str = "Top-1 accuracy",
     ylabel: str = "top-1 accuracy (%)",
+    *,
+    errors: Mapping[str, Mapping[str, float | None]] | None = None,
 ) -> Path:
-    """Grouped bars: one group per dataset, one bar per method (e.g. CLIP zero-shot vs student).
+    """Grouped bars: one group per dataset, one bar per method (e.g. CLIP zero-shot vs student; the
+    DebiasPL paper's Figure 9 when the methods are zero-shot and the adapted students).
 
     table: ``{dataset: {method: accuracy}}`` in any unit (say which with ``ylabel``). Methods are
     ordered by first appearance; a method missing (or None) for a dataset leaves a gap. Each bar is
-    labeled with its value.
+    labeled with its value. errors: the same shape (e.g. the std over seeds), drawn as error bars.
     """
     if not table:
         raise ValueError("table is empty; give {dataset: {method: accuracy}}")
@@ -278,7 +281,14 @@ def plot_accuracy_bars(
     for index, (method, color) in enumerate(zip(methods, _category_colors(len(methods)), strict=True)):
         values = np.array([np.nan if table[d].get(method) is None else float(table[d][method]) for d in datasets])
         offsets = positions + (index - (len(methods) - 1) / 2) * width
-        bars = ax.bar(offsets, np.nan_to_num(values), width=width * 0.95, color=color, label=method)
+        spread = None
+        if errors is not None:
+            spread = np.array([np.nan if (errors.get(d) or {}).get(method) is None else float(errors[d][method])
+                               for d in datasets])
+            spread = np.where(np.isnan(values), np.nan, spread)
+        bars = ax.bar(offsets, np.nan_to_num(values), width=width * 0.95, color=color, label=method,
+                      yerr=None if spread is None or np.isnan(spread).all() else np.nan_to_num(spread),
+                      capsize=2 if spread is not None else 0)
         for bar, value in zip(bars, values, strict=True):
             if np.isnan(value):
                 bar.set_visible(False)
@@ -379,4 +389,35 @@ def plot_centroid_similarity(
     ax.set_xlabel("neighbour rank (nearest other class centroid first)")
     ax.set_ylabel("cosine similarity of centroids")
     ax.set_title(f"{title} (classes by {record.get('grouping', 'label')})")
+    return _save(figure, path)
+def plot_prediction_counts_by_method(
+    counts: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    title: str = "Predictions per class",
+) -> Path:
+    """Each method's predictions per class, sorted descending, one line per method (the imbalance picture of
+    DebiasPL Fig. 1 / 4 for several methods on one dataset: a flatter line is a more balanced prediction).
+
+    counts: ``{method: counts [C]}``, every vector the same length C (e.g. CLIP zero-shot vs each adapted
+    student on one test split). A dashed line marks the balanced count (total / C of the first method).
+    """
+    if not counts:
+        raise ValueError("counts is empty; give {method: counts}")
+    vectors = {method: _as_counts(row, name=f"counts of {method}") for method, row in counts.items()}
+    if len({len(row) for row in vectors.values()}) != 1:
+        raise ValueError("every method's counts must have the same length (the number of classes)")
+    num_classes = len(next(iter(vectors.values())))
+    figure = _new_figure(7.0, 4.2)
+    ax = figure.add_subplot()
+    for (method, row), color in zip(vectors.items(), _category_colors(len(vectors)), strict=True):
+        empty = int((row == 0).sum())
+        label = f"{method} (empty: {empty})" if empty else method
+        ax.step(np.arange(num_classes), np.sort(row)[::-1], where="mid", color=color, linewidth=1.4, label=label)
+    first = next(iter(vectors.values()))
+    ax.axhline(first.sum() / num_classes, color="black", linestyle="--", linewidth=1, label="balanced")
+    ax.set_xlabel(f"class rank by count ({num_classes} classes)")
+    ax.set_ylabel("predictions")
+    ax.set_ylim(bottom=0.0)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
     return _save(figure, path)

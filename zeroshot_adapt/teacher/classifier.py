@@ -14,8 +14,8 @@ def zeroshot_classifier(model: torch.nn.Module, tokenizer, prompts: PromptSet, d
     """Class embeddings [D, C]: for each class, encode every template filled with its name,
     L2-normalize each embedding, average over templates, L2-normalize again."""
     columns = []
-    for name in prompts.classes:
-        tokens = tokenizer(prompts.texts_for(name)).to(device)
+    for index in range(len(prompts.classes)):
+        tokens = tokenizer(prompts.class_texts(index)).to(device)
         embeddings = F.normalize(model.encode_text(tokens).float(), dim=-1)  # [T, D]
         columns.append(F.normalize(embeddings.mean(dim=0), dim=-1))
     return torch.stack(columns, dim=1)

@@ -3,7 +3,13 @@
 A file is JSON: {"dataset", "classes", "templates", "provenance", optional "folder_names"}.
 `classes` / `templates` may instead name data that open_clip ships, e.g.
 "open_clip:IMAGENET_CLASSNAMES" and "open_clip:OPENAI_IMAGENET_TEMPLATES" (imported, never retyped).
-Templates use `{}` as the class-name slot.
+Templates use `{}` or CLIP_benchmark's `{c}` as the class-name slot.
+
+Per-class prompt lists (CuPL, Pratt et al. 2023; CLIP_benchmark's `--custom_template_file`) are accepted
+in two forms: `"templates": {"class name": ["prompt", ...], ...}` inside a file of the format above
+(`classes` then fixes the order; without it, the mapping's order is the class order), or a bare CuPL file,
+`{"class name": ["prompt", ...], ...}`, whose key order is the class order. Each class's embedding is
+then the normalized mean over its own prompts.
 """
 
 from __future__ import annotations
@@ -25,20 +31,41 @@ log = logging.getLogger(__name__)
 OPEN_CLIP_PREFIX = "open_clip:"
 
 
+CLASS_SLOT = "{}"
+BENCHMARK_CLASS_SLOT = "{c}"  # CLIP_benchmark's templates: "a photo of a {c}."
+
+
 @dataclass(frozen=True)
 class PromptSet:
+    """Class names (label order) and the texts that describe each class.
+
+    templates: shared templates with one `{}` slot (empty when every class has its own prompts).
+    class_prompts: per-class prompt lists (CuPL style), aligned with `classes`; None for template sets.
+    """
+
     classes: tuple[str, ...]
     templates: tuple[str, ...]
     provenance: str = ""
     source: str = ""
     folder_names: tuple[str, ...] | None = None
+    class_prompts: tuple[tuple[str, ...], ...] | None = None
 
     def texts_for(self, class_name: str) -> list[str]:
-        return [template.format(class_name) for template in self.templates]
+        """The texts of the (first) class named `class_name`."""
+        return self.class_texts(self.classes.index(class_name))
+
+    def class_texts(self, index: int) -> list[str]:
+        """The texts whose embeddings are averaged into class `index`'s zero-shot weight."""
+        if self.class_prompts is not None:
+            return list(self.class_prompts[index])
+        return [template.format(self.classes[index]) for template in self.templates]
 
     def digest(self) -> str:
-        """sha256 over the class names and templates: part of the prediction cache identity."""
-        payload = json.dumps({"classes": self.classes, "templates": self.templates}, ensure_ascii=False)
+        """sha256 over the class names and prompts: part of the prediction cache identity."""
+        content: dict[str, Any] = {"classes": self.classes, "templates": self.templates}
+        if self.class_prompts is not None:
+            content["class_prompts"] = self.class_prompts
+        payload = json.dumps(content, ensure_ascii=False)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
     def reordered(self, order: Sequence[int]) -> PromptSet:
@@ -62,10 +89,41 @@ def _resolve_open_clip(value: Any, field_name: str, source: str) -> Any:
 
 
 def _as_template(template: Any, source: str) -> str:
-    text = template("{}") if callable(template) else template  # open_clip ships templates as lambdas
-    if not isinstance(text, str) or "{}" not in text:
-        raise UserError(f"{source}: template {text!r} has no '{{}}' slot for the class name")
+    text = template(CLASS_SLOT) if callable(template) else template  # open_clip ships templates as lambdas
+    if isinstance(text, str):
+        text = text.replace(BENCHMARK_CLASS_SLOT, CLASS_SLOT)  # the same text once the class name is filled in
+    if not isinstance(text, str) or CLASS_SLOT not in text:
+        raise UserError(
+            f"{source}: template {text!r} has no '{{}}' slot (or CLIP_benchmark's '{{c}}') for the class name"
+        )
     return text
+
+
+def _is_prompt_lists(value: Any) -> bool:
+    """A mapping of class name -> list of prompt strings (CuPL)."""
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(prompts, list) and all(isinstance(p, str) for p in prompts) for prompts in value.values()
+    )
+
+
+def _per_class_prompts(
+    mapping: dict[str, list[str]], classes: tuple[str, ...] | None, source: str
+) -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]:
+    """(classes, per-class prompt lists) of a CuPL mapping; `classes` (when given) fixes the order and must
+    name exactly the mapping's keys."""
+    if classes is None:
+        classes = tuple(str(name) for name in mapping)
+    missing = [name for name in classes if name not in mapping]
+    extra = sorted(set(mapping) - set(classes))
+    if missing or extra:
+        raise UserError(
+            f"prompt file {source!r}: the per-class prompts do not match the classes "
+            f"(no prompts for {missing[:5]}; prompts for unknown classes {extra[:5]})"
+        )
+    empty = [name for name in classes if not mapping[name]]
+    if empty:
+        raise UserError(f"prompt file {source!r}: classes {empty[:5]} have an empty prompt list")
+    return classes, tuple(tuple(mapping[name]) for name in classes)
 
 
 def available_prompt_files() -> list[str]:
@@ -89,12 +147,29 @@ def load_prompts(name_or_path: str) -> PromptSet:
     except json.JSONDecodeError as error:
         raise UserError(f"prompt file {str(path)!r} is not valid JSON: {error}") from None
     source = str(path)
-    for key in ("classes", "templates"):
-        if key not in data:
-            raise UserError(f"prompt file {source!r} has no {key!r} entry")
-    classes = tuple(str(c) for c in _resolve_open_clip(data["classes"], "classes", source))
-    templates = tuple(_as_template(t, source) for t in _resolve_open_clip(data["templates"], "templates", source))
-    if not classes or not templates:
+    if not isinstance(data, dict):
+        raise UserError(f"prompt file {source!r} must hold a JSON object")
+    if "templates" not in data and "classes" not in data and _is_prompt_lists(data):
+        data = {"templates": data, "provenance": "CuPL-style per-class prompts"}  # a bare CuPL file
+    if "templates" not in data:
+        raise UserError(f"prompt file {source!r} has no 'templates' entry")
+    raw_templates = _resolve_open_clip(data["templates"], "templates", source)
+    classes: tuple[str, ...] | None = None
+    if "classes" in data:
+        classes = tuple(str(c) for c in _resolve_open_clip(data["classes"], "classes", source))
+    class_prompts = None
+    if isinstance(raw_templates, dict):
+        if not _is_prompt_lists(raw_templates):
+            raise UserError(f"prompt file {source!r}: per-class 'templates' must map class names to lists of prompts")
+        classes, class_prompts = _per_class_prompts(raw_templates, classes, source)
+        templates: tuple[str, ...] = ()
+    else:
+        if classes is None:
+            raise UserError(f"prompt file {source!r} has no 'classes' entry")
+        templates = tuple(_as_template(t, source) for t in raw_templates)
+        if not templates:
+            raise UserError(f"prompt file {source!r} needs at least one class and one template")
+    if not classes:
         raise UserError(f"prompt file {source!r} needs at least one class and one template")
     folder_names = data.get("folder_names")
     if folder_names is not None and len(folder_names) != len(classes):
@@ -105,6 +180,7 @@ def load_prompts(name_or_path: str) -> PromptSet:
         provenance=str(data.get("provenance", "")),
         source=source,
         folder_names=tuple(folder_names) if folder_names is not None else None,
+        class_prompts=class_prompts,
     )
 
 
