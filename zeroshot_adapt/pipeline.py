@@ -22,6 +22,8 @@ from zeroshot_adapt.config import (
     apply_mapping,
     apply_overrides,
     load_yaml,
+    recipe_overrides,
+    run_mode,
     save_yaml,
     to_dict,
     validate_config,
@@ -49,7 +51,13 @@ def resolve_config(
     overrides: list[str] | None = None,
     base: RunConfig | None = None,
 ) -> RunConfig:
-    """defaults < the dataset's recommended overrides < YAML file < `key=value` overrides."""
+    """defaults < the recipe (``recipe``: fast | paper) < the dataset's recommended overrides < YAML file <
+    `key=value` overrides; then validated as a whole.
+
+    The recipe's name and the run mode it depends on (T-ZSL, SSL, SSL + CLIP: `config.run_mode`) are read
+    from a first resolution without the recipe, so they can come from the file or the overrides.
+    ``data.hflip`` left unset becomes the dataset's own (DatasetSpec.hflip), so config.yaml records it.
+    """
     config = base or RunConfig()
     file_values = load_yaml(config_file) if config_file else {}
     name = dataset or file_values.get("data", {}).get("dataset") or config.data.dataset
@@ -57,11 +65,20 @@ def resolve_config(
         if item.startswith("data.dataset="):
             name = item.split("=", 1)[1]
     spec = get_spec(name)
-    config = replace(config, data=replace(config.data, dataset=name))
-    config = apply_mapping(config, dict(spec.overrides))
-    config = apply_mapping(config, file_values)
-    config = replace(config, data=replace(config.data, dataset=name))
-    return validate_config(apply_overrides(config, overrides or []))
+
+    def layered(recipe: dict[str, Any]) -> RunConfig:
+        layered_config = replace(config, data=replace(config.data, dataset=name))
+        layered_config = apply_mapping(layered_config, recipe)
+        layered_config = apply_mapping(layered_config, dict(spec.overrides))
+        layered_config = apply_mapping(layered_config, file_values)
+        layered_config = replace(layered_config, data=replace(layered_config.data, dataset=name))
+        return apply_overrides(layered_config, overrides or [])
+
+    probe = layered({})  # which recipe, which mode
+    resolved = layered(recipe_overrides(probe.recipe, run_mode(probe)))
+    if resolved.data.hflip is None:
+        resolved = replace(resolved, data=replace(resolved.data, hflip=spec.hflip))
+    return validate_config(resolved)
 
 
 def cache_root(config: RunConfig) -> Path:
