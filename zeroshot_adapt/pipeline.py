@@ -21,6 +21,7 @@ from zeroshot_adapt.config import (
     RunConfig,
     apply_mapping,
     apply_overrides,
+    describe_recipe,
     load_yaml,
     recipe_overrides,
     run_mode,
@@ -324,7 +325,7 @@ class TrainingData:
     test: SampleTable | None
     labeled_indices: np.ndarray  # rows of `train` used as the labeled set
     labeled_targets: np.ndarray  # their labels: CLIP's (T-ZSL) or human (SSL) — never ground truth in T-ZSL
-    unlabeled_indices: np.ndarray
+    unlabeled_indices: np.ndarray  # SSL: never a labeled image; T-ZSL: pseudo.unlabeled_set (all / unselected)
     clip_label: np.ndarray | None  # aligned with unlabeled_indices
     clip_confidence: np.ndarray | None
     num_classes: int
@@ -333,7 +334,14 @@ class TrainingData:
 
 
 def prepare_training_data(config: RunConfig) -> TrainingData:
-    """Labeled / unlabeled sets for T-ZSL (CLIP-selected, CLIP labels) or SSL (human-labeled subset)."""
+    """Labeled / unlabeled sets for T-ZSL (CLIP-selected, CLIP labels) or SSL (human-labeled subset).
+
+    Unlabeled set: SSL excludes the labeled images (as the official ImageNet 1% / 0.2% splits,
+    `train_1p` + `train_99p`); T-ZSL keeps every valid image (``pseudo.unlabeled_set="all"``, the default) or
+    only those not selected at tau_clip (``"unselected"``; the official T-ZSL unlabeled file is named
+    `...-Unselected` but is not public). A long-tailed SSL split labels ``ceil(fraction * n_c)`` per class
+    (CReST's protocol); a balanced one uses largest-remainder rounding.
+    """
     from zeroshot_adapt import ssl as ssl_sets
 
     use_clip = not config.ssl.enabled or config.ssl.use_clip
@@ -365,6 +373,7 @@ def prepare_training_data(config: RunConfig) -> TrainingData:
             keys_file=config.ssl.labels_file,
             keys=[train.keys[i] for i in keep],
             seed=config.seed,
+            rounding="ceil" if config.ssl.long_tail_ratio is not None else "largest_remainder",
         )
         labeled_indices = keep[chosen]
         labeled_targets = np.asarray(train.labels)[labeled_indices]
@@ -376,6 +385,15 @@ def prepare_training_data(config: RunConfig) -> TrainingData:
         selected = select_confident(clip_conf, clip_label, config.pseudo.tau_clip)
         labeled_indices = np.intersect1d(np.flatnonzero(selected), keep)
         labeled_targets = clip_label[labeled_indices]  # CLIP's labels, never the ground truth
+    if config.ssl.enabled or config.pseudo.unlabeled_set == "unselected":
+        unlabeled_indices = np.setdiff1d(keep, labeled_indices)  # sorted, like keep
+    else:
+        unlabeled_indices = keep
+    if config.algorithm.clip_fill_threshold is not None and clip_label is None:
+        raise UserError(
+            f"CLIP fill (algorithm.clip_fill_threshold={config.algorithm.clip_fill_threshold:g}) needs CLIP's "
+            "predictions, and this run has none: use `zsa ssl --clip-fill THRESHOLD` (it sets ssl.use_clip=true)"
+        )
     clip_test = None
     test = None
     try:
@@ -393,9 +411,9 @@ def prepare_training_data(config: RunConfig) -> TrainingData:
         test=test,
         labeled_indices=labeled_indices,
         labeled_targets=labeled_targets,
-        unlabeled_indices=keep,
-        clip_label=None if clip_label is None else clip_label[keep],
-        clip_confidence=None if clip_conf is None else clip_conf[keep],
+        unlabeled_indices=unlabeled_indices,
+        clip_label=None if clip_label is None else clip_label[unlabeled_indices],
+        clip_confidence=None if clip_conf is None else clip_conf[unlabeled_indices],
         num_classes=len(classes),
         class_names=classes,
         clip_test=clip_test,
@@ -453,13 +471,14 @@ def adapt(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from zeroshot_adapt.algorithms import ALGORITHMS
     from zeroshot_adapt.data.datasets import LabeledViews, UnlabeledViews
     from zeroshot_adapt.data.transforms import build_transforms
-    from zeroshot_adapt.models.student import EmanTeacher, create_student
+    from zeroshot_adapt.models.student import EmanTeacher, check_student_initialisation, create_student
     from zeroshot_adapt.reports.plots import plot_confusion, plot_pseudo_label_distribution
     from zeroshot_adapt.train import LoopSettings, train
 
+    check_student_initialisation(config)  # label-leak refusal / random-init warning, before any expensive stage
+    log.info("%s", describe_recipe(config))
     run_dir = Path(config.run_dir)
     accelerator = Accelerator(mixed_precision=config.optim.mixed_precision, log_with=config.log_with,
                               project_dir=str(run_dir), cpu=not torch.cuda.is_available())
@@ -475,7 +494,8 @@ def adapt(
         log.warning("the labeled set is empty (tau_clip=%s): training on the unlabeled loss only",
                     config.pseudo.tau_clip)
     spec = get_spec(config.data.dataset)
-    transforms = build_transforms(config.data.image_size, recipe="auto", hflip=spec.hflip)
+    hflip = spec.hflip if config.data.hflip is None else config.data.hflip
+    transforms = build_transforms(config.data.image_size, recipe=config.data.augment, hflip=hflip)
     num_views = 2 if config.algorithm.multiview else 1
     labeled = LabeledViews(data.train, data.labeled_indices, data.labeled_targets, transforms.weak)
     unlabeled = UnlabeledViews(
@@ -490,8 +510,7 @@ def adapt(
     def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:  # the class prior's batch mean, across processes
         return accelerator.reduce(tensor, reduction="mean") if accelerator.num_processes > 1 else tensor
 
-    factory = ALGORITHMS.get(config.algorithm.name)
-    algorithm = factory(data.num_classes, config.algorithm, all_reduce_mean=all_reduce_mean)
+    algorithm = build_algorithm(config, data.num_classes, all_reduce_mean)
     per_epoch, total, warmup = _steps(config, len(unlabeled))
     settings = LoopSettings(
         total_steps=total, steps_per_epoch=per_epoch, warmup_steps=warmup, batch_size=config.optim.batch_size,
@@ -519,6 +538,7 @@ def adapt(
         "labeled_set": {"size": int(len(data.labeled_indices)), "source": "human" if config.ssl.enabled else "clip",
                         "tau_clip": None if config.ssl.enabled else config.pseudo.tau_clip},
         "unlabeled_set": {"size": int(len(data.unlabeled_indices))},
+        "method": method_summary(config),
     }
     if data.clip_test is not None:
         report["clip_zeroshot"] = {k: data.clip_test[k] for k in ("top1", "mean_per_class_recall")}
@@ -541,6 +561,33 @@ def adapt(
         torch.save(accelerator.unwrap_model(student).state_dict(), run_dir / "student.pt")
     accelerator.end_training()
     return report
+
+
+def build_algorithm(config: RunConfig, num_classes: int, all_reduce_mean=None):
+    """The registered algorithm of `config`, told the loop's gradient accumulation (so the class prior moves
+    once per optimizer step, not once per micro-batch)."""
+    from zeroshot_adapt.algorithms import ALGORITHMS
+    from zeroshot_adapt.algorithms.base import identity_mean
+
+    factory = ALGORITHMS.get(config.algorithm.name)
+    return factory(num_classes, config.algorithm, all_reduce_mean=all_reduce_mean or identity_mean,
+                   micro_batches=config.optim.grad_accum)
+
+
+def method_summary(config: RunConfig) -> dict[str, Any]:
+    """What produced a reported number: recipe, extras and the CLD grouping (report.json "method")."""
+    algorithm = config.algorithm
+    return {
+        "recipe": config.recipe,
+        "mode": run_mode(config),
+        "multiview": algorithm.multiview,
+        "lambda_cld": algorithm.lambda_cld,
+        "cld_grouping": algorithm.cld_grouping if algorithm.lambda_cld > 0 else None,
+        "clip_fill_threshold": algorithm.clip_fill_threshold,
+        "unlabeled_set": "excludes labeled" if config.ssl.enabled else config.pseudo.unlabeled_set,
+        "student_init": config.student.pretrained,
+        "views": f"{config.data.augment} {config.data.image_size} px",
+    }
 
 
 _RESUME_SENSITIVE = ("data", "teacher", "pseudo", "algorithm", "student", "optim", "ssl", "seed")
