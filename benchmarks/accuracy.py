@@ -168,12 +168,14 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = []
     for dataset, entry in summary.items():
         lines += [f"### {dataset} (CLIP zero-shot {100 * entry['clip_zeroshot_top1']:.1f}%)", "",
-                  "| variant | seeds | student top-1 | EMA top-1 | effect on EMA top-1 (paired, vs base) |",
-                  "|---|---|---|---|---|"]
+                  "| variant | seeds | student top-1 | EMA top-1 | effect on student top-1 (paired, vs base) "
+                  "| effect on EMA top-1 (paired, vs base) |",
+                  "|---|---|---|---|---|---|"]
         for name, stats in entry["variants"].items():
-            effect = next((v for k, v in stats.items() if k.startswith("ema_top1_minus_")), None)
+            effects = [next((v for k, v in stats.items() if k.startswith(f"{key}_minus_")), None)
+                       for key in ("student_top1", "ema_top1")]
             lines.append(f"| {name} | {len(stats['seeds'])} | {pct(stats['student_top1'])} | "
-                         f"{pct(stats['ema_top1'])} | {delta(effect)} |")
+                         f"{pct(stats['ema_top1'])} | {delta(effects[0])} | {delta(effects[1])} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -1,6 +1,7 @@
-"""Typed, frozen run configuration: defaults < dataset preset < YAML file < `--set key=value` overrides.
+"""Typed, frozen run configuration: defaults < recipe < dataset preset < YAML file < `--set key=value` overrides.
 
-Defaults follow the official DebiasPL ImageNet T-ZSL scripts (REFERENCE.md section 1).
+The defaults are the `fast` recipe: the official DebiasPL ImageNet optimizer, loss weights and thresholds
+(REFERENCE.md section 1) without multi-view, CLD and CLIP fill; `paper` adds them (see RECIPES).
 The resolved config is written to every run directory as `config.yaml`.
 """
 
