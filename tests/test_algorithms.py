@@ -11,7 +11,7 @@ from torch import nn
 from zeroshot_adapt.algorithms import ALGORITHMS
 from zeroshot_adapt.algorithms.base import Batch, LabeledBatch, UnlabeledBatch
 from zeroshot_adapt.algorithms.fixmatch import FixMatch, clip_fill_mask, weak_target_logits
-from zeroshot_adapt.algorithms.losses import masked_cross_entropy, pseudo_labels_from_probs
+from zeroshot_adapt.algorithms.losses import cld_groups, cld_loss, masked_cross_entropy, pseudo_labels_from_probs
 from zeroshot_adapt.algorithms.priors import ClassPrior, DebiasAdjuster
 from zeroshot_adapt.config import AlgorithmConfig
 from zeroshot_adapt.errors import UserError
@@ -108,9 +108,13 @@ def linear_model(seed):
     return model
 
 
-@pytest.mark.parametrize(("multiview", "fill"), [(False, None), (True, None), (False, 0.3), (True, 0.3)])
-def test_tau_zero_debiaspl_equals_fixmatch_bit_for_bit(multiview, fill):
-    config = dict(threshold=0.8, lambda_u=2.0, tau=0.0, prior_momentum=0.9, multiview=multiview)
+@pytest.mark.parametrize(
+    ("multiview", "fill", "cld"),
+    [(False, None, 0.0), (True, None, 0.0), (False, 0.3, 0.0), (True, 0.3, 0.0), (False, 0.3, 0.3), (True, 0.3, 0.3),
+     (False, None, 0.3), (True, None, 0.3)],
+)
+def test_tau_zero_debiaspl_equals_fixmatch_bit_for_bit(multiview, fill, cld):
+    config = dict(threshold=0.8, lambda_u=2.0, tau=0.0, prior_momentum=0.9, multiview=multiview, lambda_cld=cld)
     fixmatch = build("fixmatch", 5, clip_fill_threshold=fill, **config)
     debiaspl = build("debiaspl", 5, clip_fill_threshold=fill, **config)
     debiaspl.load_state_dict({"adjuster": {"class_prior": torch.tensor([0.6, 0.2, 0.1, 0.05, 0.05])}})
@@ -124,6 +128,7 @@ def test_tau_zero_debiaspl_equals_fixmatch_bit_for_bit(multiview, fill):
         out_d = debiaspl.step(batch, student=student_b, teacher=teacher)
         assert 0 < float(out_f.metrics["mask_ratio"]) < 1  # a mixed mask, so the check means something
         filled += float(out_f.metrics.get("fill_ratio", 0.0))
+        assert ("loss_cld" in out_f.metrics) == (cld > 0)  # the CLD term really took part
         assert torch.equal(out_f.loss, out_d.loss)
         assert torch.equal(out_f.mask, out_d.mask)
         assert torch.equal(out_f.pseudo_labels, out_d.pseudo_labels)
@@ -166,9 +171,27 @@ def test_multiview_loss_averages_three_target_sets_times_two_strong_views():
     # returned targets come from the averaged weak logits
     assert out.pseudo_labels.shape == (6,) and out.mask.shape == (6,)
     assert torch.equal(out.pseudo_labels, target_sets[0].argmax(1))
-    # one prior update from both weak views (momentum 0: the prior is their joint softmax mean)
-    expected_prior = torch.softmax(torch.cat(weak), 1).mean(0)
+    # one prior update per step, from the softmax of the AVERAGED weak logits as the official code does
+    # (momentum 0: the prior is that batch mean); not the mean of the two per-view softmaxes (the old rule)
+    expected_prior = torch.softmax((weak[0] + weak[1]) / 2, 1).mean(0)
     torch.testing.assert_close(algorithm.class_prior, expected_prior)
+    assert not torch.allclose(algorithm.class_prior, torch.softmax(torch.cat(weak), 1).mean(0), atol=1e-3)
+
+
+def test_multiview_prior_update_on_hand_values():
+    # one sample, weak views [2, 0, 0] and [0, 2, 0] -> averaged logits [1, 1, 0]
+    # softmax([1, 1, 0]) = [e, e, 1] / (2e + 1) = [0.4223188, 0.4223188, 0.1553624]
+    # momentum 0.5 from uniform: 0.5 / 3 + 0.5 * that = [0.3778261, 0.3778261, 0.2443479]
+    # (the old rule, the mean of the per-view softmaxes [0.4467, 0.4467, 0.1065], would give 0.3900 / 0.2199)
+    algorithm = build("debiaspl", threshold=0.5, tau=0.5, prior_momentum=0.5, multiview=True)
+    weak = [torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[0.0, 2.0, 0.0]])]
+    batch = make_batch(weak, [torch.zeros(1, 3), torch.zeros(1, 3)])
+    algorithm.step(batch, student=LogitModel(), teacher=LogitModel())
+    torch.testing.assert_close(algorithm.class_prior, torch.tensor([0.3778261, 0.3778261, 0.2443479]))
+    single = build("debiaspl", threshold=0.5, tau=0.5, prior_momentum=0.5)  # single view: softmax(z_w) itself
+    single.step(make_batch([torch.tensor([[1.0, 1.0, 0.0]])], [torch.zeros(1, 3)]), student=LogitModel(),
+                teacher=LogitModel())
+    torch.testing.assert_close(single.class_prior, torch.tensor([0.3778261, 0.3778261, 0.2443479]))
 
 
 def test_weak_target_logits_shapes():
@@ -223,6 +246,92 @@ def test_clip_fill_loss_is_the_mean_of_clip_and_ssl_losses():
     assert out.mask.tolist() == [1.0, 1.0, 0.0]
     assert out.pseudo_labels.tolist()[:2] == [0, 2]
     torch.testing.assert_close(out.metrics["fill_ratio"], torch.tensor(1 / 3))
+
+
+# --- CLD ----------------------------------------------------------------------------------------------
+
+
+def test_cld_loss_by_hand_with_both_groupings_and_an_empty_group():
+    # p_w rows [0.7, 0.2, 0.1], [0.5, 0.1, 0.4]; p_s rows uniform, [0.5, 0.25, 0.25]; temperature 0.07.
+    weak = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.1, 0.4]]))
+    strong = torch.log(torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.5, 0.25, 0.25]]))
+    # argmax: both rows in group 0, c_0 = [0.6, 0.15, 0.25]; groups 1, 2 empty (divide by 1: zero centroids).
+    # A = [[1/3, 0, 0], [0.4, 0, 0]]; CE(A / 0.07, 0) = ln(1 + 2 e^{-4.7619}) = 0.0169541, ln(1 + 2 e^{-5.7143})
+    # = 0.0065753; mean 0.0117647
+    torch.testing.assert_close(cld_loss(strong, weak), torch.tensor(0.0117647), atol=1e-6, rtol=0)
+    # argmin (the official code's): row 0 -> group 2 (c_2 = [0.7, 0.2, 0.1]), row 1 -> group 1 (c_1 = [0.5, 0.1, 0.4])
+    # row 0: A = [0, 1/3, 1/3], target 2 -> ln(2 + e^{-4.7619}) = 0.6974127
+    # row 1: A = [0, 0.375, 0.425], target 1 -> logsumexp([0, 5.3571, 6.0714]) - 5.3571 = 1.1143024; mean 0.9058575
+    torch.testing.assert_close(cld_loss(strong, weak, grouping="argmin"), torch.tensor(0.9058575), atol=1e-6, rtol=0)
+    assert cld_groups(torch.softmax(weak, 1), "argmin").tolist() == [2, 1]
+    # no gradient into the weak side
+    weak_param, strong_param = weak.clone().requires_grad_(True), strong.clone().requires_grad_(True)
+    cld_loss(strong_param, weak_param).backward()
+    assert weak_param.grad is None and strong_param.grad is not None
+
+
+def test_cld_two_classes_by_hand():
+    # p_w [0.8, 0.2], [0.6, 0.4], [0.3, 0.7] -> groups 0, 0, 1; c_0 = [0.7, 0.3], c_1 = [0.3, 0.7]
+    # p_s [0.5, 0.5] -> A [0.5, 0.5]: ln 2; [0.9, 0.1] -> A [0.66, 0.34]: ln(1 + e^{-0.32/0.07}) = 0.0102900;
+    # [0.2, 0.8] -> A [0.38, 0.62], target 1: ln(1 + e^{-0.24/0.07}) = 0.0319184; mean 0.2451185
+    weak = torch.log(torch.tensor([[0.8, 0.2], [0.6, 0.4], [0.3, 0.7]]))
+    strong = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]))
+    torch.testing.assert_close(cld_loss(strong, weak), torch.tensor(0.2451185), atol=1e-6, rtol=0)
+
+
+def test_cld_in_the_step_uses_the_official_strong_logits():
+    generator = torch.Generator().manual_seed(5)
+    prior = torch.tensor([0.5, 0.3, 0.2])
+    weak = [torch.randn(6, 3, generator=generator) for _ in range(2)]
+    strong = [torch.randn(6, 3, generator=generator) for _ in range(2)]
+    config = dict(threshold=0.99, lambda_u=0.0, tau=1.0, prior_momentum=0.0, lambda_cld=0.5)
+    # single view: the margin-adjusted strong logits (margin from the NEW prior: momentum 0 -> the batch mean)
+    single = build("debiaspl", **config)
+    single.load_state_dict({"adjuster": {"class_prior": prior}})
+    out = single.step(make_batch(weak[:1], strong[:1]), student=LogitModel(), teacher=LogitModel())
+    new_prior = torch.softmax(weak[0], 1).mean(0)
+    expected = cld_loss(strong[0] + torch.log(new_prior), weak[0])
+    torch.testing.assert_close(out.metrics["loss_cld"], expected)
+    torch.testing.assert_close(out.loss, 0.5 * expected)  # no labeled batch, lambda_u = 0
+    # multi-view: the mean of the two strong logits BEFORE the margin, p_w from the averaged weak logits
+    multi = build("debiaspl", multiview=True, **config)
+    multi.load_state_dict({"adjuster": {"class_prior": prior}})
+    out = multi.step(make_batch(weak, strong), student=LogitModel(), teacher=LogitModel())
+    expected = cld_loss((strong[0] + strong[1]) / 2, (weak[0] + weak[1]) / 2)
+    torch.testing.assert_close(out.metrics["loss_cld"], expected)
+    # argmin is passed through
+    argmin = build("fixmatch", lambda_cld=1.0, cld_grouping="argmin", threshold=0.99, lambda_u=0.0)
+    out = argmin.step(make_batch(weak[:1], strong[:1]), student=LogitModel(), teacher=LogitModel())
+    torch.testing.assert_close(out.metrics["loss_cld"], cld_loss(strong[0], weak[0], grouping="argmin"))
+    with pytest.raises(UserError, match="cld_grouping='middle'"):
+        build("fixmatch", cld_grouping="middle")
+
+
+# --- gradient accumulation: one prior update per optimizer step ---------------------------------------
+
+
+@pytest.mark.parametrize("name", ["debiaspl", "distalign", "uda-debiaspl"])
+def test_grad_accumulation_keeps_one_prior_update_per_optimizer_step(name):
+    generator = torch.Generator().manual_seed(7)
+    config = AlgorithmConfig(name=name, threshold=0.5, tau=0.5, prior_momentum=0.9)
+    whole = ALGORITHMS.get(name)(3, config)
+    split = ALGORITHMS.get(name)(3, config, micro_batches=2)
+    model = LogitModel()
+    for _ in range(3):  # three optimizer steps
+        weak, strong = torch.randn(8, 3, generator=generator), torch.randn(8, 3, generator=generator)
+        whole.step(make_batch([weak], [strong]), student=model, teacher=model)
+        before = split.class_prior.clone()
+        split.step(make_batch([weak[:4]], [strong[:4]]), student=model, teacher=model)
+        assert torch.equal(split.class_prior, before)  # first micro-batch: the prior has not moved
+        split.step(make_batch([weak[4:]], [strong[4:]]), student=model, teacher=model)
+        # after the step's last micro-batch: the same prior as one update with the whole batch
+        torch.testing.assert_close(split.class_prior, whole.class_prior)
+    assert not torch.allclose(whole.class_prior, torch.full((3,), 1 / 3))
+
+
+def test_grad_accumulation_count_must_be_positive():
+    with pytest.raises(UserError, match="micro_batches"):
+        ClassPrior(3, momentum=0.9, micro_batches=0)
 
 
 # --- metrics, state, registry ----------------------------------------------------------------------
@@ -339,6 +448,13 @@ def test_factories_pass_the_config_through():
     assert algorithm.clip_fill_threshold == 0.4
     assert algorithm.adjuster.tau == 0.25 and algorithm.adjuster.class_prior.momentum == 0.999
     assert algorithm.class_prior.shape == (10,)
+    config = dataclasses.replace(config, lambda_cld=0.3, cld_grouping="argmin")
+    for name in ("fixmatch", "debiaspl", "distalign", "uda", "uda-debiaspl"):
+        algorithm = ALGORITHMS.get(name)(10, config, micro_batches=4)
+        assert (algorithm.lambda_cld, algorithm.cld_grouping) == (0.3, "argmin"), name
+        assert algorithm.clip_fill_threshold == 0.4 and algorithm.multiview, name
+        prior = getattr(algorithm.adjuster, "class_prior", None)
+        assert prior is None or prior.micro_batches == 4, name
 
 
 @pytest.mark.parametrize("name", ["fixmatch", "debiaspl", "uda-debiaspl"])

@@ -128,3 +128,25 @@ def test_long_tailed_subset_default_n_max_is_smallest_class():
     labels = np.array([0] * 30 + [1] * 20 + [2] * 25)
     indices = long_tailed_subset(labels, 4)
     assert _per_class(labels, indices, 3) == long_tailed_counts(20, 3, 4) == [20, 10, 5]
+
+
+# --- CReST's long-tailed labeled splits: per-class ceil (issue 8) ----------------------------------------
+
+
+def test_crest_cifar10_lt_labels_round_up_per_class():
+    # CIFAR-10-LT at gamma 100: 5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50 images per class
+    sizes = dict(enumerate(long_tailed_counts(5000, 10, 100)))
+    assert sum(sizes.values()) == 12406
+    from zeroshot_adapt.ssl import ceil_counts
+
+    ten, thirty = ceil_counts(sizes, 0.1), ceil_counts(sizes, 0.3)
+    assert list(ten.values()) == [500, 300, 180, 108, 65, 39, 24, 14, 9, 5]
+    assert sum(ten.values()) == 1244  # CReST's 10% split
+    assert sum(thirty.values()) == 3726  # CReST's 30% split
+    # largest-remainder rounding would give round(0.1 * 12406) = 1241: the two protocols differ
+    assert sum(stratified_counts(sizes, 0.1).values()) == 1241
+    labels = np.repeat(np.arange(10), list(sizes.values()))
+    chosen = labeled_subset(labels, fraction=0.1, rounding="ceil", seed=1)
+    assert _per_class(labels, chosen, 10) == list(ten.values())
+    with pytest.raises(UserError, match="rounding='floor'"):
+        labeled_subset(labels, fraction=0.1, rounding="floor")

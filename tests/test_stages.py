@@ -131,9 +131,11 @@ def test_alternate_sampling_rounds(tmp_path):
     human = len(data.labeled_indices)
     round0, round1 = report["rounds"]
     assert round0["labeled_set_size"] == human
-    # pseudo_threshold 0: every unlabeled sample that is not human-labeled joins round 1's labeled set
-    assert round1["pseudo_labels"]["size"] == len(data.unlabeled_indices) - human
-    assert round1["labeled_set_size"] == len(data.unlabeled_indices)
+    # pseudo_threshold 0: every unlabeled sample joins round 1's labeled set (the SSL unlabeled set already
+    # excludes the human-labeled images)
+    assert set(data.unlabeled_indices).isdisjoint(data.labeled_indices)
+    assert round1["pseudo_labels"]["size"] == len(data.unlabeled_indices)
+    assert round1["labeled_set_size"] == len(data.unlabeled_indices) + human
     for entry in report["rounds"]:
         assert 0.0 <= entry["embedding"]["student"]["top1"] <= 1.0
         assert 0.0 <= entry["balanced"]["top1"] <= 1.0

@@ -187,11 +187,12 @@ def test_moco_v2_resnet50_keys_map_onto_timm_resnet50():
     state |= {f"module.encoder_k.{k}": torch.zeros(1) for k in names}
     state |= {f"module.encoder_q.fc.{i}.{p}": torch.zeros(1) for i in (0, 2) for p in ("weight", "bias")}
     state |= {"module.queue": torch.zeros(1), "module.queue_ptr": torch.zeros(1)}
-    remapped, source_format, dropped = remap_checkpoint_keys(state, head_prefix="fc.")
-    assert source_format == "moco"
-    assert set(remapped) == {k for k in names if not k.startswith("fc.")}
-    assert "layer1.0.downsample.1.running_var" in remapped and "conv1.weight" in remapped
-    assert dropped == ["fc.0.bias", "fc.0.weight", "fc.2.bias", "fc.2.weight"]
+    remapped = remap_checkpoint_keys(state, head_prefix="fc.")
+    assert remapped.source_format == "moco"
+    assert set(remapped.state) == {k for k in names if not k.startswith("fc.")}
+    assert "layer1.0.downsample.1.running_var" in remapped.state and "conv1.weight" in remapped.state
+    assert remapped.dropped_head == ["fc.0.bias", "fc.0.weight", "fc.2.bias", "fc.2.weight"]
+    assert "module.queue" in remapped.ignored and "module.encoder_k.conv1.weight" in remapped.ignored
 
 
 def test_load_moco_checkpoint_into_a_student(tmp_path):
@@ -228,3 +229,151 @@ def test_load_ddp_checkpoint_and_reject_unrelated_ones(tmp_path):
         load_checkpoint(target, tmp_path / "other.pt")
     with pytest.raises(UserError, match="does not exist"):
         create_student("resnet10t", num_classes=3, pretrained=str(tmp_path / "missing.pth"))
+
+
+# --- published self-supervised formats (issue 8) -------------------------------------------------------
+
+
+SMALL_RESNET = "test_resnet"  # timm's 0.47M-parameter ResNet: the same key layout rules, fast to build
+
+
+def _backbone(seed: int = 1) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(SMALL_RESNET, num_classes=1000)
+
+
+def _trunk(model: nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
+
+
+def _mlp(prefix: str, width: int, out: int = 128) -> dict:
+    return {f"{prefix}0.weight": torch.randn(width, width), f"{prefix}0.bias": torch.zeros(width),
+            f"{prefix}2.weight": torch.randn(out, width), f"{prefix}2.bias": torch.zeros(out)}
+
+
+def moco_v3_checkpoint(backbone: nn.Module) -> dict:
+    """MoCo v3 (facebookresearch/moco-v3) ResNet: base encoder with an MLP fc, momentum encoder, predictor."""
+    state = {f"module.base_encoder.{k}": v for k, v in _trunk(backbone).items()}
+    state |= {f"module.momentum_encoder.{k}": torch.zeros_like(v) for k, v in _trunk(backbone).items()}
+    state |= _mlp("module.base_encoder.fc.", 96) | _mlp("module.momentum_encoder.fc.", 96)
+    state |= _mlp("module.predictor.", 128, 128)
+    return {"epoch": 100, "arch": "resnet50", "state_dict": state, "optimizer": {}, "scaler": {}}
+
+
+def moco_eman_checkpoint(backbone: nn.Module) -> dict:
+    """MoCo-EMAN (amazon-science/exponential-moving-average-normalization, models/moco.py MoCoEMAN): the MoCo v2
+    layout — state_dict with module.encoder_q.* (fc.0 / fc.2 projection), module.encoder_k.*, queue, queue_ptr."""
+    return moco_checkpoint(backbone) | {"arch": "MoCoEMAN", "epoch": 800}
+
+
+def dino_checkpoint(backbone: nn.Module) -> dict:
+    """DINO full checkpoint: teacher {backbone.*, head.*}, student {module.backbone.*, module.head.*}, args."""
+    import argparse
+
+    teacher = {f"backbone.{k}": v for k, v in _trunk(backbone).items()} | _mlp("head.mlp.", 96, 256)
+    student = {f"module.backbone.{k}": torch.zeros_like(v) for k, v in _trunk(backbone).items()}
+    return {"teacher": teacher, "student": student, "epoch": 100, "args": argparse.Namespace(arch="resnet50")}
+
+
+def swav_checkpoint(backbone: nn.Module) -> dict:
+    """SwAV (facebookresearch/swav) release: a bare state dict, module.* trunk + projection_head + prototypes."""
+    state = {f"module.{k}": v for k, v in _trunk(backbone).items()}
+    return state | _mlp("module.projection_head.", 96) | {"module.prototypes.weight": torch.randn(3000, 128)}
+
+
+@pytest.mark.parametrize(
+    ("build_checkpoint", "source_format", "container", "dropped", "ignored_prefix"),
+    [
+        (moco_checkpoint, "moco", "state_dict", 4, "module.encoder_k."),
+        (moco_eman_checkpoint, "moco", "state_dict", 4, "module.encoder_k."),
+        (moco_v3_checkpoint, "moco_v3", "state_dict", 4, "module.momentum_encoder."),
+        (dino_checkpoint, "dino", "teacher", 0, "head."),
+        (swav_checkpoint, "swav", None, 5, None),
+        (lambda b: {"state_dict": {f"module.{k}": v for k, v in _trunk(b).items()}}, "ddp", "state_dict", 0, None),
+        (lambda b: _trunk(b), "plain", None, 0, None),  # e.g. DINO's backbone-only release
+    ],
+    ids=["moco_v2", "moco_eman", "moco_v3", "dino", "swav", "ddp", "plain"],
+)
+def test_published_checkpoint_formats_load_the_backbone(tmp_path, build_checkpoint, source_format, container,
+                                                         dropped, ignored_prefix):
+    source = _backbone()
+    path = tmp_path / "ssl.pth.tar"
+    torch.save(build_checkpoint(source), path)
+    torch.manual_seed(2)
+    student = timm.create_model(SMALL_RESNET, num_classes=10)
+    fresh_head = student.fc.weight.detach().clone()
+    report = load_checkpoint(student, path)
+    assert report.source_format == source_format and report.container == container
+    for name, tensor in _trunk(source).items():
+        assert torch.equal(student.state_dict()[name], tensor), name  # every backbone tensor, BN statistics too
+    assert torch.equal(student.fc.weight, fresh_head)  # the classifier keeps its fresh initialization
+    assert report.missing == ["fc.bias", "fc.weight"]
+    assert report.unexpected == [] and report.mismatched == []
+    assert len(report.dropped_head) == dropped
+    assert all(k.startswith(("fc.", "projection_head.", "prototypes.")) for k in report.dropped_head)
+    if ignored_prefix is not None:
+        assert report.ignored and any(k.startswith(ignored_prefix) for k in report.ignored)
+        assert not any(k.startswith(("module.encoder_q.conv", "module.base_encoder.conv")) for k in report.ignored)
+    # the same through create_student
+    model = create_student(SMALL_RESNET, num_classes=10, pretrained=str(path))
+    assert torch.equal(model.conv1[0].weight, source.conv1[0].weight)
+
+
+# --- label leakage and the random-init warning ---------------------------------------------------------
+
+
+def _resolved(dataset: str, *overrides: str):
+    from zeroshot_adapt.pipeline import resolve_config
+
+    return resolve_config(dataset, overrides=list(overrides))
+
+
+@pytest.mark.parametrize("pretrained", ["timm", "timm:a1_in1k", "tv_in1k"])
+def test_imagenet_supervised_weights_are_refused_for_zero_shot_imagenet(pretrained):
+    from zeroshot_adapt.models.student import check_student_initialisation
+
+    for dataset in ("imagenet", "imagenet-r", "imagenet-sketch"):
+        with pytest.raises(UserError) as error:
+            check_student_initialisation(_resolved(dataset, f"student.pretrained={pretrained}"))
+        message = str(error.value)
+        assert "label leakage" in message and "student.allow_label_leakage=true" in message
+        assert "res50_moco_eman_800ep.pth.tar" in message
+    # allowed: on purpose, for SSL, or on a dataset whose classes are not ImageNet's
+    check_student_initialisation(_resolved("imagenet", f"student.pretrained={pretrained}",
+                                           "student.allow_label_leakage=true"))
+    check_student_initialisation(_resolved("imagenet", f"student.pretrained={pretrained}", "ssl.labels_fraction=0.01"))
+    check_student_initialisation(_resolved("eurosat", f"student.pretrained={pretrained}"))
+
+
+def test_a_checkpoint_file_with_an_imagenet_classifier_is_refused_and_ssl_ones_pass(tmp_path):
+    from zeroshot_adapt.models.student import check_student_initialisation
+
+    supervised = tmp_path / "resnet50_supervised.pth"  # e.g. torchvision weights or a MoCo linear probe
+    torch.save({"state_dict": {"module.conv1.weight": torch.zeros(2, 3, 1, 1),
+                               "module.fc.weight": torch.zeros(1000, 2), "module.fc.bias": torch.zeros(1000)}},
+               supervised)
+    with pytest.raises(UserError, match="1000-way classifier.*label leakage"):
+        check_student_initialisation(_resolved("imagenet", f"student.pretrained={supervised}"))
+    moco = tmp_path / "res50_moco_eman_800ep.pth.tar"
+    torch.save(moco_checkpoint(_backbone()), moco)
+    check_student_initialisation(_resolved("imagenet", f"student.pretrained={moco}"))
+
+
+def test_paper_recipe_resnet50_without_a_checkpoint_warns_once(caplog, monkeypatch):
+    from zeroshot_adapt.models import student as student_module
+
+    monkeypatch.setattr(student_module, "_warned", set())
+    config = _resolved("eurosat", "recipe=paper")
+    with caplog.at_level("WARNING", logger="zeroshot_adapt.models.student"):
+        student_module.check_student_initialisation(config)
+        student_module.check_student_initialisation(config)
+    warnings = [r.getMessage() for r in caplog.records if "RANDOM weights" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "res50_moco_eman_800ep.pth.tar" in warnings[0] and "MoCo v2 + EMAN" in warnings[0]
+    assert "--student-init" in warnings[0] and "800 epochs" in warnings[0]
+    caplog.clear()
+    monkeypatch.setattr(student_module, "_warned", set())
+    with caplog.at_level("WARNING", logger="zeroshot_adapt.models.student"):
+        student_module.check_student_initialisation(_resolved("eurosat"))  # the fast recipe: no warning
+        student_module.check_student_initialisation(_resolved("digits", "recipe=paper"))  # not a ResNet-50
+    assert not caplog.records

@@ -317,3 +317,20 @@ def test_a_transduct_chain_is_one_deterministic_cell_scored_like_zsa_transduct(t
     report = pipeline.transduct_report(config, tmp_path / "transduct", splits=("test",))
     assert record["metrics"]["acc1"] == pytest.approx(report["test"]["top1"])
     assert record["seed"] is None
+
+
+def test_the_recipe_flag_reaches_every_cell(tmp_path, monkeypatch):
+    seen = []
+
+    def record_config(context):
+        seen.append((context.config.recipe, context.config.algorithm.multiview, context.config.algorithm.lambda_cld))
+        return suite.CellResult(metrics={"acc1": 0.5, "acc5": None, "mean_per_class_recall": None})
+
+    from dataclasses import replace as dc_replace
+
+    kind = suite.METHOD_KINDS.get("zeroshot")
+    monkeypatch.setitem(suite.METHOD_KINDS._items, "zeroshot", dc_replace(kind, run=record_config))
+    argv = ["suite", "--datasets", "digits", "--methods", "zeroshot", "--out", str(tmp_path / "o"),
+            "--recipe", "paper", "--set", f"teacher.cache_dir={tmp_path / 'cache'}"]
+    assert main(argv) == 0
+    assert seen == [("paper", True, 0.3)]

@@ -36,6 +36,16 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _recipe_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", choices=("fast", "paper"),
+                        help="named preset under the dataset's own: fast (default; single view, no CLD, no CLIP fill) "
+                             "or paper (the official DebiasPL ImageNet settings: multi-view, CLD 0.3, CLIP fill, "
+                             "ResNet-50, 50 epochs; see config.RECIPES)")
+    parser.add_argument("--student-init", metavar="CHECKPOINT",
+                        help="student weights: a self-supervised checkpoint file (MoCo v2/v3, MoCo-EMAN, DINO, "
+                             "SwAV) or a timm tag; the paper used res50_moco_eman_800ep.pth.tar")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zsa",
@@ -91,6 +101,9 @@ def _build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _common(p)
         p.add_argument("--rebuild", action="store_true", help=REBUILD_HELP + " (do not repeat it when resuming)")
+        _recipe_flags(p)
+        p.add_argument("--print-config", action="store_true",
+                       help="print the fully resolved config as YAML and exit (touches no data, cache or run dir)")
         p.add_argument("--algorithm", help="fixmatch | debiaspl | ... (see `zsa algorithms`)")
         p.add_argument("--tau-clip", type=float, help="CLIP confidence threshold for the labeled set (adapt)")
         p.add_argument("--run-dir", help="run directory (default runs/<dataset>/<algorithm>); re-run to resume")
@@ -100,18 +113,20 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="a finished run: evaluate it again instead of printing its saved report")
         if name == "adapt":
             _teacher_selection(p)
+        p.add_argument("--clip-fill", type=float, metavar="THRESHOLD",
+                       help="CLIP fill: supervise samples no student mask kept with CLIP labels of confidence >= "
+                            "THRESHOLD (the paper: 0.3 in T-ZSL, 0.4 in SSL)")
         if name == "ssl":
-            group = p.add_mutually_exclusive_group(required=True)
+            # not required here: a --config file may give ssl.labels_*; run() checks that SSL is on
+            group = p.add_mutually_exclusive_group()
             group.add_argument("--label-fraction", type=float, help="e.g. 0.01 for ImageNet 1%%")
             group.add_argument("--labels-per-class", type=int, help="e.g. 4 for CIFAR-10 with 40 labels")
             group.add_argument("--labels-file", help="file of labeled sample keys, one per line")
-            p.add_argument("--clip-fill", type=float, metavar="THRESHOLD",
-                           help="CLIP fill: supervise samples no student mask kept with CLIP labels of "
-                                "confidence >= THRESHOLD (e.g. 0.4)")
             p.add_argument("--long-tail", type=float, metavar="GAMMA", help="long-tailed subsample, ratio gamma")
 
     p = sub.add_parser("baseline", help="long-tail SSL baselines (multi-run): CReST, CReST+, alternate sampling")
     _common(p)
+    _recipe_flags(p)
     p.add_argument("--method", choices=("crest", "crest+", "alternate"), required=True)
     p.add_argument("--algorithm", default="fixmatch", help="algorithm of each run (default fixmatch; CReST+ distalign)")
     p.add_argument("--run-dir", help="run directory (default runs/<dataset>/baseline-<method>); re-run to resume")
@@ -147,11 +162,14 @@ def _build_parser() -> argparse.ArgumentParser:
                         "or a datasets file (.yaml/.csv: name, dataset, data_dir, prompts, student_from, overrides; "
                         ".txt: one item per line)")
     p.add_argument("--methods", nargs="+", required=True, metavar="METHOD",
-                   help="zeroshot and the training algorithms (see `zsa algorithms`), space-separated")
+                   help="zeroshot, the training algorithms (`zsa algorithms`) and the training-free methods "
+                        "(`zsa transduct-methods`; a chain such as label-propagation,sinkhorn is one method), "
+                        "space-separated")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="SEED",
                    help="seeds of the seeded methods (default 0); deterministic methods run once")
     p.add_argument("--out", required=True, help="output folder; re-run the same command to resume")
     p.add_argument("--config", help="YAML recipe applied to every dataset (on top of its preset)")
+    _recipe_flags(p)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override for every dataset, repeatable (a datasets-file entry's own "
                         "overrides win)")
@@ -220,13 +238,13 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     for attr, key in flags.items():
         value = getattr(args, attr, None)
         if value is not None:
-            if attr in ("data_dir", "pretrained", "prompts", "labels_file", "cache_dir", "sinkhorn_marginal") and (
-                attr != "pretrained" or "/" in str(value)
+            if attr in ("data_dir", "pretrained", "prompts", "labels_file", "cache_dir", "sinkhorn_marginal",
+                        "student_init") and (attr not in ("pretrained", "student_init") or "/" in str(value)
             ):
                 value = str(Path(value).expanduser())
             out.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
-    if getattr(args, "clip_fill", None) is not None:
-        out.append("ssl.use_clip=true")
+    if getattr(args, "clip_fill", None) is not None and args.command == "ssl":
+        out.append("ssl.use_clip=true")  # SSL needs CLIP's predictions for the fill; T-ZSL always has them
     return out + list(args.overrides)
 
 
@@ -283,6 +301,20 @@ def run(argv: Sequence[str] | None = None) -> int:
     name = config.data.dataset
     if args.command == "cache":
         return _cache(args, config)
+    if args.command in ("adapt", "ssl"):  # before anything touches data, caches or run directories
+        if args.run_dir is None and not any(o.startswith("run_dir=") for o in args.overrides):
+            from dataclasses import replace
+
+            teacher = "" if config.transduct.method == "zeroshot" else f"-{config.transduct.method.replace(',', '+')}"
+            config = replace(config, run_dir=f"runs/{name}/{args.command}-{config.algorithm.name}{teacher}")
+        _check_mode(args.command, config)
+        if args.print_config:
+            import yaml
+
+            from zeroshot_adapt.config import to_dict
+
+            print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+            return 0
     if getattr(args, "rebuild", False):
         uses_clip = args.command in ("zeroshot", "pseudolabel") or not config.ssl.enabled or config.ssl.use_clip
         splits = ("train",) if args.command == "pseudolabel" else ("train", "test") if uses_clip else ()
@@ -318,11 +350,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"labeled set: the {report['select']} rule; report: {out / 'pseudolabels.json'}")
         return 0
     if args.command in ("adapt", "ssl"):
-        if args.run_dir is None and not any(o.startswith("run_dir=") for o in args.overrides):
-            from dataclasses import replace
+        from zeroshot_adapt.config import describe_recipe
 
-            teacher = "" if config.transduct.method == "zeroshot" else f"-{config.transduct.method.replace(',', '+')}"
-            config = replace(config, run_dir=f"runs/{name}/{args.command}-{config.algorithm.name}{teacher}")
+        print(describe_recipe(config), flush=True)
         report = pipeline.adapt(config, reevaluate=args.reevaluate)
         _print_summary(report, config.run_dir)
         return 0 if report["completed"] else EXIT_INTERRUPTED
@@ -441,6 +471,13 @@ def _print_cache_table(root: Path, entries) -> None:
             print(f"{entry.directory.name}: {entry.problem}")
     if not entries:
         print("(none)")
+def _check_mode(command: str, config) -> None:
+    """`zsa ssl` needs human labels; `zsa adapt` must not silently turn into SSL through a config file."""
+    if command == "ssl" and not config.ssl.enabled:
+        raise UserError("zsa ssl needs labels: pass --label-fraction, --labels-per-class or --labels-file "
+                        "(or ssl.labels_* in the --config file)")
+    if command == "adapt" and config.ssl.enabled:
+        raise UserError("this config sets ssl.labels_* (a semi-supervised run): use `zsa ssl`, not `zsa adapt`")
 
 
 def _train_teacher(args: argparse.Namespace) -> int:

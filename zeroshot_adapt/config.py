@@ -1,6 +1,7 @@
-"""Typed, frozen run configuration: defaults < dataset preset < YAML file < `--set key=value` overrides.
+"""Typed, frozen run configuration: defaults < recipe < dataset preset < YAML file < `--set key=value` overrides.
 
-Defaults follow the official DebiasPL ImageNet T-ZSL scripts (REFERENCE.md section 1).
+The defaults are the `fast` recipe: the official DebiasPL ImageNet optimizer, loss weights and thresholds
+(REFERENCE.md section 1) without multi-view, CLD and CLIP fill; `paper` adds them (see RECIPES).
 The resolved config is written to every run directory as `config.yaml`.
 """
 
@@ -37,6 +38,9 @@ class DataConfig:
     fingerprint: str = "stat"
     # --- input pipeline (data/device.py) ---
     pipeline: str = "cpu"  # cpu: workers decode + augment (PIL); device: the accelerator does; auto: device on CUDA
+    # --- recipes (issue 8) ---
+    augment: str = "imagenet"  # view recipe: imagenet (RandomResizedCrop) | small (pad-crop, Cutout); never inferred
+    hflip: bool | None = None  # horizontal flips in the views; None: the dataset's own (DatasetSpec.hflip)
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ class PseudoLabelConfig:
     select: str = "threshold"
     per_class: int | None = None
     per_class_fraction: float | None = None
+    # --- recipes (issue 8) ---
+    unlabeled_set: str = "all"  # T-ZSL unlabeled set: all (every valid image) | unselected (not kept at tau_clip)
 
 
 @dataclass(frozen=True)
@@ -107,8 +113,11 @@ class AlgorithmConfig:
     tau: float = 0.4  # debias factor (one tau for both the pseudo-label and the margin)
     prior_momentum: float = 0.99
     multiview: bool = False
-    clip_fill_threshold: float | None = None  # SSL + CLIP fill; None: off
+    clip_fill_threshold: float | None = None  # CLIP fill (T-ZSL, or SSL with ssl.use_clip); None: off
     extra: dict[str, Any] = field(default_factory=dict)  # algorithm-specific knobs
+    # --- recipes (issue 8) ---
+    lambda_cld: float = 0.0  # weight of the CLD loss; 0: off
+    cld_grouping: str = "argmax"  # CLD group index of p_w: argmax (ours) | argmin (the official code's)
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,8 @@ class StudentConfig:
     # --- model-side speed (models/acceleration.py); precision is optim.mixed_precision ---
     channels_last: bool = False
     compile: bool = False  # torch.compile the student and the EMAN teacher in place
+    # --- recipes (issue 8) ---
+    allow_label_leakage: bool = False  # True: allow T-ZSL from weights trained with the target dataset's labels
 
 
 @dataclass(frozen=True)
@@ -168,6 +179,8 @@ class RunConfig:
     checkpoint_every_steps: int = 200
     eval_every_epochs: int = 1
     log_with: str | None = None  # an Accelerate tracker: tensorboard, wandb, ... (None: JSONL only)
+    # --- recipes (issue 8) ---
+    recipe: str = "fast"  # the named preset under the dataset preset: fast | paper (see RECIPES)
 
 
 # ----------------------------------------------------------------------------- constraints
@@ -290,6 +303,12 @@ CONSTRAINTS: dict[str, Constraint] = {
     "transduct.knn_nprobe": at_least(1),
     "transduct.knn_memory_mb": at_least(16),
     "transduct.knn_device": Constraint(choices=("auto", "cpu", "gpu")),
+    # --- recipes (issue 8) ---
+    "data.augment": Constraint(choices=("imagenet", "small")),
+    "pseudo.unlabeled_set": Constraint(choices=("all", "unselected")),
+    "algorithm.lambda_cld": at_least(0),
+    "algorithm.cld_grouping": Constraint(choices=("argmax", "argmin")),
+    "recipe": Constraint(choices=("fast", "paper")),
 }
 """Valid values per dotted key. Every int / float field must have an entry (a test checks it)."""
 
@@ -324,8 +343,102 @@ CLI_FLAGS: dict[str, str] = {
     "transduct.transclip_knn": "--transclip-knn",
     "transduct.transclip_lambda": "--transclip-lambda",
     "transduct.knn_memory_mb": "--knn-memory-mb",
+    # --- recipes (issue 8) ---
+    "recipe": "--recipe",
+    "student.pretrained": "--student-init",
 }
 """The `zsa` flag that sets each key (cli.py builds its flags from this table; errors name both)."""
+
+
+# ----------------------------------------------------------------------------- recipes (issue 8)
+
+RUN_MODES = ("tzsl", "ssl", "ssl+clip")
+"""What a run is, for recipes that differ by it: transductive zero-shot (`zsa adapt`), semi-supervised
+(`zsa ssl`), semi-supervised with CLIP fill (`zsa ssl --clip-fill`, i.e. ssl.use_clip)."""
+
+FAST_RECIPE: dict[str, Any] = {
+    # The defaults of the dataclasses above (the official optimizer, loss weights and thresholds, REFERENCE.md
+    # section 1) WITHOUT the three extras of the official run: one weak + one strong view instead of two + two
+    # (about half the compute per step), no CLD loss, no CLIP fill.
+    "algorithm.multiview": False,
+    "algorithm.lambda_cld": 0.0,
+    "algorithm.clip_fill_threshold": None,
+}
+
+PAPER_RECIPE: dict[str, Any] = {
+    # The official DebiasPL ImageNet settings; every value from REFERENCE.md section 1 unless noted.
+    "algorithm.name": "debiaspl",
+    "algorithm.threshold": 0.8,  # "threshold 0.8"
+    "algorithm.tau": 0.4,  # "tau 0.4" (one tau for both terms)
+    "algorithm.prior_momentum": 0.99,  # "prior momentum 0.99"
+    "algorithm.lambda_u": 10.0,  # "lambda_u 10"
+    "algorithm.multiview": True,  # "multi-view" (the T-ZSL run behind 68.7%; the SSL scripts pass --multiviews)
+    "algorithm.lambda_cld": 0.3,  # "CLD 0.3" (the official T-ZSL script)
+    # our default grouping, not the official argmin ("almost surely a slip"): --set algorithm.cld_grouping=argmin
+    "algorithm.cld_grouping": "argmax",
+    "student.arch": "resnet50",  # "ResNet-50 initialised from a self-supervised MoCo v2 + EMAN checkpoint"
+    "student.ema_momentum": 0.999,  # "EMAN ... (m = 0.999)"
+    "optim.lr": 0.003,  # "SGD lr 0.003 (T-ZSL)" (the SSL scripts use 0.003 too, benchmarks/SSL.md)
+    "optim.momentum": 0.9,  # "momentum 0.9"
+    "optim.weight_decay": 1e-4,  # "wd 1e-4"
+    "optim.nesterov": False,  # "no nesterov"
+    "optim.warmup_epochs": 5.0,  # "5 warmup epochs then cosine"
+    "optim.epochs": 50,  # "50 epochs (the paper's 68.3% used 100)"
+    "optim.batch_size": 64,  # "labeled batch 64 (global)"
+    "optim.mu": 5,  # "mu 5 (unlabeled batch = 5 x labeled batch)"
+}
+"""The paper recipe's shared part. The views (224 px, ImageNet augmentation) come from the dataset presets:
+ImageNet and the appendix's EuroSAT, MNIST, DTD, GTSRB, Flowers102 "follow the training recipe of ImageNet-1K"."""
+
+PAPER_RECIPE_BY_MODE: dict[str, dict[str, Any]] = {
+    "tzsl": {
+        "pseudo.tau_clip": 0.95,  # "Its labeled file is the tau_clip 0.95 selection"
+        "pseudo.unlabeled_set": "all",  # "default: every image unlabeled" (the official file is not public)
+        "algorithm.clip_fill_threshold": 0.3,  # "CLIP fill always on at CLIP confidence >= 0.3"
+    },
+    "ssl": {},  # threshold 0.8, prior momentum 0.99; the 1% run's 0.999 is in benchmarks/paper/
+    "ssl+clip": {
+        "algorithm.threshold": 0.7,  # "threshold 0.8 (0.7 for SSL with CLIP)"
+        "algorithm.clip_fill_threshold": 0.4,  # section 2: "a fill threshold (0.3 in T-ZSL, 0.4 in SSL)"
+    },
+}
+
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "fast": dict.fromkeys(RUN_MODES, FAST_RECIPE),
+    "paper": {mode: {**PAPER_RECIPE, **extra} for mode, extra in PAPER_RECIPE_BY_MODE.items()},
+}
+"""recipe name -> run mode -> dotted overrides. Layering (pipeline.resolve_config): defaults < recipe <
+dataset preset < YAML file < --set. Dataset presets sit above recipes because they hold what the data needs
+(image size, view recipe, flips) and, for the offline demo, a student and budget that fit a CPU."""
+
+
+def run_mode(config: RunConfig) -> str:
+    """'tzsl', 'ssl' or 'ssl+clip' (see RUN_MODES)."""
+    if not config.ssl.enabled:
+        return "tzsl"
+    return "ssl+clip" if config.ssl.use_clip else "ssl"
+
+
+def recipe_overrides(name: str, mode: str) -> dict[str, Any]:
+    """The dotted overrides of recipe `name` for a run of `mode`; a UserError lists the valid names."""
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
+    return dict(RECIPES[name][mode])
+
+
+def describe_recipe(config: RunConfig) -> str:
+    """One line saying what a resolved config will run (printed at the start of `zsa adapt` / `zsa ssl`)."""
+    algo, optim, data, student = config.algorithm, config.optim, config.data, config.student
+    init = student.pretrained or "random init"
+    cld = f"CLD {algo.lambda_cld:g} ({algo.cld_grouping} groups)" if algo.lambda_cld > 0 else "no CLD"
+    fill = f"CLIP fill >= {algo.clip_fill_threshold:g}" if algo.clip_fill_threshold is not None else "no CLIP fill"
+    views = "multi-view (2 weak + 2 strong)" if algo.multiview else "single view"
+    flip = "" if data.hflip is None else (", flips" if data.hflip else ", no flips")
+    return (
+        f"recipe {config.recipe} ({run_mode(config)}): {algo.name}, {views}, {cld}, {fill}, tau {algo.tau:g}, "
+        f"threshold {algo.threshold:g}; student {student.arch} ({init}); {data.image_size} px {data.augment} "
+        f"views{flip}; {optim.epochs} epochs, batch {optim.batch_size} + {optim.mu}x unlabeled, lr {optim.lr:g}"
+    )
 
 
 def iter_fields(config: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, Any]]:
@@ -371,6 +484,7 @@ def validate_config(config: RunConfig) -> RunConfig:
             "(the paper warms up for 5 of 50 epochs)"
         )
     problems += _selection_problems(config)
+    problems += [] if problems else _recipe_rules(config)
     if problems:
         raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
     return config
@@ -387,6 +501,22 @@ def _selection_problems(config: RunConfig) -> list[str]:
         return [f"pseudo.{given[0]} ({CLI_FLAGS[f'pseudo.{given[0]}']}) only applies with pseudo.select=topk "
                 "(--select topk); the threshold rule keeps confidence >= tau_clip"]
     return []
+def _recipe_rules(config: RunConfig) -> list[str]:
+    """Cross-field rules of the recipe fields (issue 8): CLIP fill needs CLIP labels, and CLIP labels in SSL
+    are loaded only to be used."""
+    problems = []
+    ssl, fill = config.ssl, config.algorithm.clip_fill_threshold
+    if ssl.enabled and fill is not None and not ssl.use_clip:
+        problems.append(
+            f"algorithm.clip_fill_threshold (--clip-fill)={fill:g} in SSL needs CLIP labels: set ssl.use_clip=true "
+            "(`zsa ssl --clip-fill THRESHOLD` does both), or drop the fill threshold"
+        )
+    if ssl.enabled and ssl.use_clip and fill is None:
+        problems.append(
+            "ssl.use_clip=true loads CLIP's predictions but nothing uses them without a fill threshold: "
+            "pass --clip-fill THRESHOLD (the paper's SSL value is 0.4) or use --recipe paper"
+        )
+    return problems
 
 
 def to_dict(config: Any) -> dict[str, Any]:

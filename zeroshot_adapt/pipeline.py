@@ -25,7 +25,10 @@ from zeroshot_adapt.config import (
     RunConfig,
     apply_mapping,
     apply_overrides,
+    describe_recipe,
     load_yaml,
+    recipe_overrides,
+    run_mode,
     save_yaml,
     to_dict,
     validate_config,
@@ -60,7 +63,13 @@ def resolve_config(
     overrides: list[str] | None = None,
     base: RunConfig | None = None,
 ) -> RunConfig:
-    """defaults < the dataset's recommended overrides < YAML file < `key=value` overrides."""
+    """defaults < the recipe (``recipe``: fast | paper) < the dataset's recommended overrides < YAML file <
+    `key=value` overrides; then validated as a whole.
+
+    The recipe's name and the run mode it depends on (T-ZSL, SSL, SSL + CLIP: `config.run_mode`) are read
+    from a first resolution without the recipe, so they can come from the file or the overrides.
+    ``data.hflip`` left unset becomes the dataset's own (DatasetSpec.hflip), so config.yaml records it.
+    """
     config = base or RunConfig()
     file_values = load_yaml(config_file) if config_file else {}
     name = dataset or file_values.get("data", {}).get("dataset") or config.data.dataset
@@ -69,11 +78,20 @@ def resolve_config(
             name = item.split("=", 1)[1]
     spec = get_spec(name)
     name = spec.name  # an alias (`imagenet1k`, `vtab/eurosat`) resolves to the registered name
-    config = replace(config, data=replace(config.data, dataset=name))
-    config = apply_mapping(config, dict(spec.overrides))
-    config = apply_mapping(config, file_values)
-    config = replace(config, data=replace(config.data, dataset=name))
-    return validate_config(apply_overrides(config, overrides or []))
+
+    def layered(recipe: dict[str, Any]) -> RunConfig:
+        layered_config = replace(config, data=replace(config.data, dataset=name))
+        layered_config = apply_mapping(layered_config, recipe)
+        layered_config = apply_mapping(layered_config, dict(spec.overrides))
+        layered_config = apply_mapping(layered_config, file_values)
+        layered_config = replace(layered_config, data=replace(layered_config.data, dataset=name))
+        return apply_overrides(layered_config, overrides or [])
+
+    probe = layered({})  # which recipe, which mode
+    resolved = layered(recipe_overrides(probe.recipe, run_mode(probe)))
+    if resolved.data.hflip is None:
+        resolved = replace(resolved, data=replace(resolved.data, hflip=spec.hflip))
+    return validate_config(resolved)
 
 
 def cache_root(config: RunConfig) -> Path:
@@ -598,7 +616,7 @@ class TrainingData:
     test: SampleTable | None
     labeled_indices: np.ndarray  # rows of `train` used as the labeled set
     labeled_targets: np.ndarray  # their labels: CLIP's (T-ZSL) or human (SSL) — never ground truth in T-ZSL
-    unlabeled_indices: np.ndarray
+    unlabeled_indices: np.ndarray  # SSL: never a labeled image; T-ZSL: pseudo.unlabeled_set (all / unselected)
     clip_label: np.ndarray | None  # aligned with unlabeled_indices
     clip_confidence: np.ndarray | None
     num_classes: int
@@ -607,7 +625,14 @@ class TrainingData:
 
 
 def prepare_training_data(config: RunConfig) -> TrainingData:
-    """Labeled / unlabeled sets for T-ZSL (CLIP-selected, CLIP labels) or SSL (human-labeled subset)."""
+    """Labeled / unlabeled sets for T-ZSL (CLIP-selected, CLIP labels) or SSL (human-labeled subset).
+
+    Unlabeled set: SSL excludes the labeled images (as the official ImageNet 1% / 0.2% splits,
+    `train_1p` + `train_99p`); T-ZSL keeps every valid image (``pseudo.unlabeled_set="all"``, the default) or
+    only those not selected at tau_clip (``"unselected"``; the official T-ZSL unlabeled file is named
+    `...-Unselected` but is not public). A long-tailed SSL split labels ``ceil(fraction * n_c)`` per class
+    (CReST's protocol); a balanced one uses largest-remainder rounding.
+    """
     from zeroshot_adapt import ssl as ssl_sets
 
     use_clip = not config.ssl.enabled or config.ssl.use_clip
@@ -640,6 +665,7 @@ def prepare_training_data(config: RunConfig) -> TrainingData:
             keys_file=config.ssl.labels_file,
             keys=[train.keys[i] for i in keep],
             seed=config.seed,
+            rounding="ceil" if config.ssl.long_tail_ratio is not None else "largest_remainder",
         )
         labeled_indices = keep[chosen]
         labeled_targets = np.asarray(train.labels)[labeled_indices]
@@ -650,6 +676,15 @@ def prepare_training_data(config: RunConfig) -> TrainingData:
     else:
         labeled_indices = select_labeled_indices(config, clip_conf, clip_label, keep, len(classes))
         labeled_targets = clip_label[labeled_indices]  # CLIP's labels, never the ground truth
+    if config.ssl.enabled or config.pseudo.unlabeled_set == "unselected":
+        unlabeled_indices = np.setdiff1d(keep, labeled_indices)  # sorted, like keep
+    else:
+        unlabeled_indices = keep
+    if config.algorithm.clip_fill_threshold is not None and clip_label is None:
+        raise UserError(
+            f"CLIP fill (algorithm.clip_fill_threshold={config.algorithm.clip_fill_threshold:g}) needs CLIP's "
+            "predictions, and this run has none: use `zsa ssl --clip-fill THRESHOLD` (it sets ssl.use_clip=true)"
+        )
     clip_test = None
     test = None
     try:
@@ -667,9 +702,9 @@ def prepare_training_data(config: RunConfig) -> TrainingData:
         test=test,
         labeled_indices=labeled_indices,
         labeled_targets=labeled_targets,
-        unlabeled_indices=keep,
-        clip_label=None if clip_label is None else clip_label[keep],
-        clip_confidence=None if clip_conf is None else clip_conf[keep],
+        unlabeled_indices=unlabeled_indices,
+        clip_label=None if clip_label is None else clip_label[unlabeled_indices],
+        clip_confidence=None if clip_conf is None else clip_conf[unlabeled_indices],
         num_classes=len(classes),
         class_names=classes,
         clip_test=clip_test,
@@ -765,14 +800,15 @@ def _adapt(config: RunConfig, *, stop_after_steps: int | None, data: TrainingDat
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from zeroshot_adapt.algorithms import ALGORITHMS
     from zeroshot_adapt.data.transforms import build_transforms
     from zeroshot_adapt.launch import check_launch, use_cpu
     from zeroshot_adapt.models.acceleration import prepare_module
-    from zeroshot_adapt.models.student import EmanTeacher, create_student
+    from zeroshot_adapt.models.student import EmanTeacher, check_student_initialisation, create_student
     from zeroshot_adapt.reports.plots import plot_confusion, plot_pseudo_label_distribution
     from zeroshot_adapt.train import LoopSettings, atomic_torch_save, train
 
+    check_student_initialisation(config)  # label-leak refusal / random-init warning, before any expensive stage
+    log.info("%s", describe_recipe(config))
     run_dir = Path(config.run_dir)
     check_launch()
     accelerator = Accelerator(mixed_precision=config.optim.mixed_precision, log_with=config.log_with,
@@ -787,7 +823,8 @@ def _adapt(config: RunConfig, *, stop_after_steps: int | None, data: TrainingDat
         log.warning("the labeled set is empty (tau_clip=%s): training on the unlabeled loss only",
                     config.pseudo.tau_clip)
     spec = get_spec(config.data.dataset)
-    transforms = build_transforms(config.data.image_size, recipe="auto", hflip=spec.hflip)
+    hflip = spec.hflip if config.data.hflip is None else config.data.hflip
+    transforms = build_transforms(config.data.image_size, recipe=config.data.augment, hflip=hflip)
     num_views = 2 if config.algorithm.multiview else 1
     labeled, unlabeled, batch_pipeline = training_views(config, data, transforms, num_views, accelerator.device)
     # Seed here, after the data stage: building a missing CLIP cache consumes the global RNG, and the
@@ -801,8 +838,7 @@ def _adapt(config: RunConfig, *, stop_after_steps: int | None, data: TrainingDat
     def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:  # the class prior's batch mean, across processes
         return accelerator.reduce(tensor, reduction="mean") if accelerator.num_processes > 1 else tensor
 
-    factory = ALGORITHMS.get(config.algorithm.name)
-    algorithm = factory(data.num_classes, config.algorithm, all_reduce_mean=all_reduce_mean)
+    algorithm = build_algorithm(config, data.num_classes, all_reduce_mean)
     per_epoch, total, warmup = _steps(config, len(unlabeled))
     settings = LoopSettings(
         total_steps=total, steps_per_epoch=per_epoch, warmup_steps=warmup, batch_size=config.optim.batch_size,
@@ -833,6 +869,7 @@ def _adapt(config: RunConfig, *, stop_after_steps: int | None, data: TrainingDat
                         "select": None if config.ssl.enabled else config.pseudo.select,
                         "teacher_method": config.transduct.method},
         "unlabeled_set": {"size": int(len(data.unlabeled_indices))},
+        "method": method_summary(config),
     }
     if result.history:
         report["corrupt_training_images_skipped"] = result.history[-1].get("corrupt_images_skipped", 0)
@@ -859,6 +896,34 @@ def _adapt(config: RunConfig, *, stop_after_steps: int | None, data: TrainingDat
         write_json(report, run_dir / "report.json")  # last: a completed report.json means every output is there
     accelerator.end_training()
     return report
+
+
+def build_algorithm(config: RunConfig, num_classes: int, all_reduce_mean=None):
+    """The registered algorithm of `config`, told the loop's gradient accumulation (so the class prior moves
+    once per optimizer step, not once per micro-batch)."""
+    from zeroshot_adapt.algorithms import ALGORITHMS
+    from zeroshot_adapt.algorithms.base import identity_mean
+
+    factory = ALGORITHMS.get(config.algorithm.name)
+    return factory(num_classes, config.algorithm, all_reduce_mean=all_reduce_mean or identity_mean,
+                   micro_batches=config.optim.grad_accum)
+
+
+def method_summary(config: RunConfig) -> dict[str, Any]:
+    """What produced a reported number: recipe, extras and the CLD grouping (report.json "method")."""
+    algorithm = config.algorithm
+    return {
+        "recipe": config.recipe,
+        "mode": run_mode(config),
+        "multiview": algorithm.multiview,
+        "lambda_cld": algorithm.lambda_cld,
+        "cld_grouping": algorithm.cld_grouping if algorithm.lambda_cld > 0 else None,
+        "clip_fill_threshold": algorithm.clip_fill_threshold,
+        "unlabeled_set": "excludes labeled" if config.ssl.enabled else config.pseudo.unlabeled_set,
+        "student_init": config.student.pretrained,
+        "views": f"{config.data.augment} {config.data.image_size} px",
+    }
+
 
 
 def training_views(config: RunConfig, data: TrainingData, transforms, num_views: int, device: torch.device):

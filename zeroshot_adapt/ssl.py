@@ -90,6 +90,20 @@ def stratified_counts(class_sizes: dict[int, int], fraction: float) -> dict[int,
     return {c: min(max(counts[c], 1), class_sizes[c]) for c in class_sizes}
 
 
+def ceil_counts(class_sizes: dict[int, int], fraction: float) -> dict[int, int]:
+    """Per-class ``ceil(fraction * n_c)`` (at most ``n_c``): how CReST (Wei et al. 2021) labels a fraction of a
+    long-tailed training set, class by class. Example: CIFAR-10-LT at gamma 100 (5000 down to 50 per class)
+    gives 1244 labels at 10% and 3726 at 30%."""
+    counts = {}
+    for cls, size in class_sizes.items():
+        quota = fraction * size
+        counts[cls] = min(size, math.ceil(quota - _FLOOR_GUARD * max(quota, 1.0)))  # 0.1 * 5000 must stay 500
+    return counts
+
+
+ROUNDINGS = ("largest_remainder", "ceil")
+
+
 def _read_key_file(path: str | Path) -> list[str]:
     path = Path(path)
     if path.is_dir():
@@ -114,12 +128,15 @@ def labeled_subset(
     keys_file: str | Path | None = None,
     keys: Sequence[str] | None = None,
     seed: int = 0,
+    rounding: str = "largest_remainder",
 ) -> np.ndarray:
     """Positions (int64 [K], sorted) of the human-labeled subset of a training split.
 
     Give exactly one of:
-      fraction:  e.g. 0.01 / 0.002 for ImageNet 1% / 0.2%; stratified per class with largest-remainder
-                 rounding and at least one sample per class (see `stratified_counts`).
+      fraction:  e.g. 0.01 / 0.002 for ImageNet 1% / 0.2%; stratified per class. `rounding`:
+                 "largest_remainder" (default; total = round(fraction * N), at least one sample per class,
+                 see `stratified_counts`) or "ceil" (per-class ceil, the CReST long-tail protocol, see
+                 `ceil_counts`).
       per_class: e.g. 4 for CIFAR-10 with 40 labels; every class present in `labels` gets exactly that
                  many (a class with fewer samples is a UserError).
       keys_file: a text file with one sample key per line (blank lines and `#` comments skipped); needs
@@ -154,7 +171,9 @@ def labeled_subset(
     if fraction is not None:
         if not 0.0 < fraction <= 1.0:
             raise UserError(f"fraction={fraction!r} must be in (0, 1]")
-        counts = stratified_counts(class_sizes, fraction)
+        if rounding not in ROUNDINGS:
+            raise UserError(f"rounding={rounding!r} must be one of {', '.join(ROUNDINGS)}")
+        counts = ceil_counts(class_sizes, fraction) if rounding == "ceil" else stratified_counts(class_sizes, fraction)
     else:
         if int(per_class) != per_class or per_class < 1:
             raise UserError(f"per_class={per_class!r} must be a positive integer")

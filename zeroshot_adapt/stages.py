@@ -92,7 +92,7 @@ def _eval_transform(config: RunConfig):
     from zeroshot_adapt.data.transforms import build_transforms
 
     spec = get_spec(config.data.dataset)
-    return build_transforms(config.data.image_size, recipe="auto", hflip=spec.hflip).eval
+    return build_transforms(config.data.image_size, recipe=config.data.augment, hflip=spec.hflip).eval
 
 
 def run_config(run_dir: str | Path) -> RunConfig:

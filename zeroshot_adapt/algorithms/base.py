@@ -74,7 +74,8 @@ class Algorithm(Protocol):
 
 
 ALGORITHMS: Registry[Any] = Registry("algorithm")
-"""name -> factory(num_classes: int, config: AlgorithmConfig, all_reduce_mean) -> Algorithm."""
+"""name -> factory(num_classes: int, config: AlgorithmConfig, all_reduce_mean, *, micro_batches=1) -> Algorithm
+(micro_batches: the loop's gradient accumulation, so running statistics move once per optimizer step)."""
 
 
 def identity_mean(tensor: Tensor) -> Tensor:

@@ -11,17 +11,22 @@ One training step (REFERENCE.md section 1), for every consistency method built h
 
 Multi-view (``multiview=True``: two weak and two strong views per image): three target sets, from the
 averaged weak logits ``(z_w1 + z_w2) / 2`` and from each weak view; ``loss_ssl`` is the mean of the
-3 x 2 (target set, strong view) losses. The adjuster is updated ONCE per step with the raw logits of
-both weak views stacked (``cat([z_w1, z_w2])``, i.e. the mean of the two per-view softmax means): each
-weak view is an equally valid sample of the teacher's predictions, and one update per step keeps the
-prior momentum's time scale the same as in single-view training. All three target sets read the
-state from before that update.
+3 x 2 (target set, strong view) losses. The adjuster is updated ONCE per step from the averaged weak logits,
+i.e. the prior moves toward ``mean_over_batch(softmax((z_w1 + z_w2) / 2))``, as the official code does
+(REFERENCE.md section 1; not the mean of the two per-view softmaxes). In single view that is simply ``z_w``.
+All three target sets read the state from before that update.
 
-SSL + CLIP fill (REFERENCE.md section 2, ``clip_fill_threshold`` set): unlabeled samples that NONE of the
-target sets' masks kept, whose cached CLIP confidence >= the fill threshold and whose CLIP label is
-known (>= 0), are supervised with CLIP's label on every strong view with the same adaptive margin
-(hard cross-entropy, mean over the whole batch like the SSL term, averaged over strong views);
+CLIP fill (REFERENCE.md section 2, ``clip_fill_threshold`` set; T-ZSL, or SSL with CLIP labels): unlabeled
+samples that NONE of the target sets' masks kept, whose cached CLIP confidence >= the fill threshold and whose
+CLIP label is known (>= 0), are supervised with CLIP's label on every strong view with the same adaptive
+margin (hard cross-entropy, mean over the whole batch like the SSL term, averaged over strong views);
 ``loss_u = (loss_clip + loss_ssl) / 2``.
+
+CLD (``lambda_cld > 0``; :func:`~zeroshot_adapt.algorithms.losses.cld_loss`): on the unlabeled batch, with
+``p_w`` the softmax of the primary (averaged) weak logits and ``p_s`` the softmax of, as the official code
+does, the MEAN of the two strong logits BEFORE the margin in multi-view, and the margin-adjusted strong
+logits in single view; ``loss = loss_x + lambda_u * loss_u + lambda_cld * loss_cld``. Groups: argmax of
+``p_w`` by default, the official code's argmin as ``cld_grouping="argmin"``.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from zeroshot_adapt.algorithms.base import (
     UnlabeledBatch,
     forward_in_one_pass,
 )
-from zeroshot_adapt.algorithms.losses import masked_cross_entropy, pseudo_labels_from_probs
+from zeroshot_adapt.algorithms.losses import CLD_GROUPINGS, cld_loss, masked_cross_entropy, pseudo_labels_from_probs
 from zeroshot_adapt.algorithms.priors import ClassPrior, ReportsMetrics
 from zeroshot_adapt.errors import UserError
 
@@ -182,9 +187,15 @@ class ConsistencyTraining:
         adjuster: PseudoLabelAdjuster | None = None,
         multiview: bool = False,
         clip_fill_threshold: float | None = None,
+        lambda_cld: float = 0.0,
+        cld_grouping: str = "argmax",
     ):
         if lambda_u < 0:
             raise UserError(f"algorithm.lambda_u={lambda_u!r} must be >= 0")
+        if lambda_cld < 0:
+            raise UserError(f"algorithm.lambda_cld={lambda_cld!r} must be >= 0 (the official T-ZSL script uses 0.3)")
+        if cld_grouping not in CLD_GROUPINGS:
+            raise UserError(f"algorithm.cld_grouping={cld_grouping!r} must be one of {', '.join(CLD_GROUPINGS)}")
         self.num_classes = num_classes
         self.lambda_u = float(lambda_u)
         self.rule = rule
@@ -193,6 +204,8 @@ class ConsistencyTraining:
         self.clip_fill_threshold = (
             None if clip_fill_threshold is None else check_unit_interval("clip_fill_threshold", clip_fill_threshold)
         )
+        self.lambda_cld = float(lambda_cld)
+        self.cld_grouping = cld_grouping
 
     # --- the Algorithm protocol -------------------------------------------------------------------
 
@@ -213,8 +226,11 @@ class ConsistencyTraining:
             metrics["loss"] = loss_x.detach()
             return StepOutput(loss=loss_x, metrics=metrics)
 
-        loss_u, pseudo_labels, mask, unlabeled_metrics = self._unlabeled_loss(views, batch.unlabeled)
+        loss_u, loss_cld, pseudo_labels, mask, unlabeled_metrics = self._unlabeled_loss(views, batch.unlabeled)
         loss = loss_x + self.lambda_u * loss_u
+        if loss_cld is not None:
+            loss = loss + self.lambda_cld * loss_cld
+            metrics["loss_cld"] = loss_cld.detach()
         metrics.update(unlabeled_metrics)
         metrics["loss_u"] = loss_u.detach()
         metrics["loss"] = loss.detach()
@@ -256,16 +272,23 @@ class ConsistencyTraining:
 
     def _unlabeled_loss(
         self, views: ViewLogits, unlabeled: UnlabeledBatch
-    ) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, dict[str, Any]]:
+        """(loss_u, loss_cld or None when lambda_cld = 0, pseudo-labels [B], mask [B], metrics)."""
         # 1. targets from the OLD adjuster state (DebiasPL eq. 3)
-        target_sets = [self.rule.targets(self.target_probs(z)) for z in weak_target_logits(views.weak)]
-        # 2. update the statistics with the raw weak logits of every weak view (eq. 4)
+        weak_sets = weak_target_logits(views.weak)
+        target_sets = [self.rule.targets(self.target_probs(z)) for z in weak_sets]
+        # 2. update the statistics ONCE, from the raw primary weak logits (eq. 4; multi-view: the averaged logits)
         margin = None
         if self.adjuster is not None:
-            self.adjuster.update(torch.cat(views.weak))
+            self.adjuster.update(weak_sets[0])
             # 3. adaptive margin from the NEW state (eq. 5)
             margin = self.adjuster.margin()
         strong = views.strong if margin is None else [z + margin for z in views.strong]
+        loss_cld = None
+        if self.lambda_cld > 0:
+            # official: multi-view -> mean of the strong logits before the margin; single view -> with the margin
+            cld_strong = torch.stack(views.strong).mean(dim=0) if len(views.strong) > 1 else strong[0]
+            loss_cld = cld_loss(cld_strong, weak_sets[0], grouping=self.cld_grouping)
 
         loss_ssl = _mean([self.rule.loss(z, t) for t in target_sets for z in strong])
         primary = target_sets[0]
@@ -298,7 +321,7 @@ class ConsistencyTraining:
 
         if isinstance(self.adjuster, ReportsMetrics):
             metrics.update(self.adjuster.metrics())
-        return loss_u, pseudo_labels, mask, metrics
+        return loss_u, loss_cld, pseudo_labels, mask, metrics
 
     def _check_views(self, unlabeled: UnlabeledBatch) -> None:
         expected = NUM_MULTIVIEWS if self.multiview else 1
@@ -326,6 +349,8 @@ class FixMatch(ConsistencyTraining):
         adjuster: PseudoLabelAdjuster | None = None,
         multiview: bool = False,
         clip_fill_threshold: float | None = None,
+        lambda_cld: float = 0.0,
+        cld_grouping: str = "argmax",
     ):
         super().__init__(
             num_classes=num_classes,
@@ -334,4 +359,6 @@ class FixMatch(ConsistencyTraining):
             adjuster=adjuster,
             multiview=multiview,
             clip_fill_threshold=clip_fill_threshold,
+            lambda_cld=lambda_cld,
+            cld_grouping=cld_grouping,
         )

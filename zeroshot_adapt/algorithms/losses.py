@@ -88,3 +88,40 @@ def masked_kl_divergence(logits: Tensor, target_probs: Tensor, mask: Tensor) -> 
     target = target_probs.detach()
     per_sample = (torch.xlogy(target, target) - target * F.log_softmax(logits, dim=1)).sum(dim=1)
     return (per_sample * mask).mean()
+
+
+CLD_TEMPERATURE = 0.07  # the official DebiasPL code's CLD temperature (REFERENCE.md section 1)
+CLD_GROUPINGS = ("argmax", "argmin")
+
+
+def cld_groups(weak_probs: Tensor, grouping: str = "argmax") -> Tensor:
+    """The CLD group of each sample: ``argmax(p_w)`` (ours, the predicted class), or ``argmin(p_w)`` as the
+    official DebiasPL code computes it (REFERENCE.md section 1: almost surely a slip, kept as an option so a
+    reported number can say which grouping it used). weak_probs: [B, C] -> [B] int64."""
+    if grouping == "argmax":
+        return weak_probs.argmax(dim=1)
+    if grouping == "argmin":
+        return weak_probs.argmin(dim=1)
+    raise ValueError(f"unknown CLD grouping {grouping!r}; valid: {', '.join(CLD_GROUPINGS)}")
+
+
+def cld_loss(
+    strong_logits: Tensor, weak_logits: Tensor, *, grouping: str = "argmax", temperature: float = CLD_TEMPERATURE
+) -> Tensor:
+    """Cross-level instance-group discrimination (CLD, Wang, Liu, Yu, CVPR 2021) as the official DebiasPL code
+    applies it to the unlabeled batch (REFERENCE.md section 1): scalar.
+
+    ``p_w = softmax(z_w)`` (no gradient), ``p_s = softmax(z_s)``; group ``g_i`` of sample i from ``p_w``
+    (:func:`cld_groups`); centroid ``c_k = sum_{i: g_i = k} p_w[i] / max(1, |{i: g_i = k}|)`` (an empty group
+    divides by 1, so its centroid is zero); affinity ``A = p_s @ c.T``; ``loss = CE(A / temperature, g)``.
+
+    strong_logits: [B, C] (gradient flows through them); weak_logits: [B, C] (detached here).
+    """
+    num_classes = weak_logits.shape[1]
+    weak_probs = torch.softmax(weak_logits.detach().float(), dim=1)
+    strong_probs = torch.softmax(strong_logits.float(), dim=1)
+    groups = cld_groups(weak_probs, grouping)
+    members = F.one_hot(groups, num_classes).to(weak_probs.dtype)  # [B, K], K = C groups
+    centroids = (members.T @ weak_probs) / members.sum(dim=0).clamp_min(1.0)[:, None]  # [K, C]
+    affinity = strong_probs @ centroids.T  # [B, K]
+    return F.cross_entropy(affinity / temperature, groups)

@@ -55,15 +55,34 @@ class ClassPrior:
     per class (a length-C vector), on the RAW softmax (REFERENCE.md: the debiased softmax in the
     paper's Algorithm 1 is a typo). Starts uniform (1/C). Stored as float32; it follows the device of
     the tensors it is updated with, or move it with :meth:`to`.
+
+    Gradient accumulation (``micro_batches`` = k > 1, the loop's ``optim.grad_accum``): the loop calls the
+    algorithm once per micro-batch, but the prior moves ONCE per optimizer step, so its time scale does not
+    depend on k. The first k - 1 calls only collect their batch means; the k-th averages the k means (the
+    batch mean of the whole step when the micro-batches are equal, as the loop makes them), all-reduces it
+    and applies the moving average. Until then every micro-batch reads the prior of the previous step: the
+    targets exactly as without accumulation; the margin of micro-batches 1..k-1 is one step older (without
+    accumulation the whole batch gets the margin of the updated prior). Checkpoints are written between
+    optimizer steps, where nothing is pending.
     """
 
-    def __init__(self, num_classes: int, momentum: float, all_reduce_mean: AllReduceMean | None = None):
+    def __init__(
+        self,
+        num_classes: int,
+        momentum: float,
+        all_reduce_mean: AllReduceMean | None = None,
+        micro_batches: int = 1,
+    ):
         _check_num_classes(num_classes)
         _check_momentum(momentum)
+        if int(micro_batches) != micro_batches or micro_batches < 1:
+            raise UserError(f"micro_batches (optim.grad_accum) {micro_batches!r} must be a positive integer")
         self.num_classes = num_classes
         self.momentum = momentum
         self.all_reduce_mean = _or_identity(all_reduce_mean)
+        self.micro_batches = int(micro_batches)
         self.probs: Tensor = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float32)
+        self._pending: list[Tensor] = []  # batch means of this optimizer step's earlier micro-batches
 
     def to(self, device: torch.device | str) -> ClassPrior:
         self.probs = self.probs.to(device)
@@ -74,7 +93,14 @@ class ClassPrior:
         """probs_batch_mean: [C] this process's batch mean of the raw softmax; all-reduced, then EMA."""
         if probs_batch_mean.shape != (self.num_classes,):
             raise ValueError(f"expected a [{self.num_classes}] batch mean, got {tuple(probs_batch_mean.shape)}")
-        mean = self.all_reduce_mean(probs_batch_mean.detach().float())
+        mean = probs_batch_mean.detach().float()
+        if self.micro_batches > 1:
+            self._pending.append(mean)
+            if len(self._pending) < self.micro_batches:
+                return  # not the last micro-batch of this optimizer step
+            mean = torch.stack(self._pending).mean(dim=0)
+            self._pending = []
+        mean = self.all_reduce_mean(mean)
         self.probs = self.probs.to(mean.device)
         self.probs = self.momentum * self.probs + (1.0 - self.momentum) * mean
 
@@ -103,6 +129,7 @@ class ClassPrior:
                 f"checkpointed class prior has shape {tuple(probs.shape)}, but this run has {self.num_classes} classes"
             )
         self.probs = probs.to(self.probs.device).clone()
+        self._pending = []
 
 
 class DebiasAdjuster:
@@ -168,8 +195,9 @@ class DistributionAlignment:
         momentum: float,
         target_prior: Sequence[float] | Tensor | None = None,
         all_reduce_mean: AllReduceMean | None = None,
+        micro_batches: int = 1,
     ):
-        self.class_prior = ClassPrior(num_classes, momentum, all_reduce_mean)
+        self.class_prior = ClassPrior(num_classes, momentum, all_reduce_mean, micro_batches=micro_batches)
         self.target_prior = _target_prior(num_classes, target_prior)
 
     def target_probs(self, weak_logits: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from zeroshot_adapt.algorithms.base import ALGORITHMS, PseudoLabelAdjuster, identity_mean
-from zeroshot_adapt.algorithms.debiaspl import check_extra_keys, debias_adjuster
+from zeroshot_adapt.algorithms.debiaspl import check_extra_keys, debias_adjuster, shared_options
 from zeroshot_adapt.algorithms.fixmatch import ConsistencyTraining, UnlabeledTargets, check_unit_interval
 from zeroshot_adapt.algorithms.losses import masked_kl_divergence, pseudo_labels_from_probs, sharpen
 from zeroshot_adapt.algorithms.priors import AllReduceMean
@@ -57,6 +57,8 @@ class UDA(ConsistencyTraining):
         adjuster: PseudoLabelAdjuster | None = None,
         multiview: bool = False,
         clip_fill_threshold: float | None = None,
+        lambda_cld: float = 0.0,
+        cld_grouping: str = "argmax",
     ):
         super().__init__(
             num_classes=num_classes,
@@ -65,6 +67,8 @@ class UDA(ConsistencyTraining):
             adjuster=adjuster,
             multiview=multiview,
             clip_fill_threshold=clip_fill_threshold,
+            lambda_cld=lambda_cld,
+            cld_grouping=cld_grouping,
         )
 
 
@@ -76,18 +80,22 @@ def _uda(name: str, num_classes: int, config: AlgorithmConfig, adjuster: PseudoL
         lambda_u=config.lambda_u,
         temperature=float(config.extra.get("temperature", DEFAULT_TEMPERATURE)),
         adjuster=adjuster,
-        multiview=config.multiview,
-        clip_fill_threshold=config.clip_fill_threshold,
+        **shared_options(config),
     )
 
 
 @ALGORITHMS.register("uda")
-def uda(num_classes: int, config: AlgorithmConfig, all_reduce_mean: AllReduceMean = identity_mean) -> UDA:
+def uda(
+    num_classes: int, config: AlgorithmConfig, all_reduce_mean: AllReduceMean = identity_mean, *, micro_batches: int = 1
+) -> UDA:
     """UDA; ``extra["temperature"]`` (default 0.4)."""
     return _uda("uda", num_classes, config, adjuster=None)
 
 
 @ALGORITHMS.register("uda-debiaspl")
-def uda_debiaspl(num_classes: int, config: AlgorithmConfig, all_reduce_mean: AllReduceMean = identity_mean) -> UDA:
+def uda_debiaspl(
+    num_classes: int, config: AlgorithmConfig, all_reduce_mean: AllReduceMean = identity_mean, *, micro_batches: int = 1
+) -> UDA:
     """UDA + DebiasPL: debiased weak logits before sharpening, adaptive margin on the strong logits."""
-    return _uda("uda-debiaspl", num_classes, config, adjuster=debias_adjuster(num_classes, config, all_reduce_mean))
+    adjuster = debias_adjuster(num_classes, config, all_reduce_mean, micro_batches=micro_batches)
+    return _uda("uda-debiaspl", num_classes, config, adjuster=adjuster)

@@ -67,7 +67,10 @@ class DatasetSpec:
     prompts: stem of the prompt file in prompts/ that fixes class names, class order and templates.
     overrides: dotted config overrides the dataset recommends (e.g. {"data.image_size": 32}); apply with
         `config.apply_mapping(config, dict(spec.overrides))`.
-    hflip: whether horizontal flips are label-preserving (False for digits and traffic signs).
+    hflip: whether horizontal flips are label-preserving (False for digits and traffic signs); the default of
+        `data.hflip`.
+    imagenet_classes: its classes are ImageNet-1k classes (ImageNet and its variants): a student initialised
+        from weights trained with ImageNet labels would leak labels into a zero-shot result.
     num_classes: expected class count (None: whatever the data has, for `imagefolder`).
     gated: the hub copy needs accepted terms and a login.
     notes: quirks and anything unverified about the hub copy.
@@ -83,6 +86,7 @@ class DatasetSpec:
     prompts: str | None = None
     overrides: Mapping[str, Any] = field(default_factory=dict, hash=False)
     hflip: bool = True
+    imagenet_classes: bool = False
     num_classes: int | None = None
     gated: bool = False
     notes: str = ""
@@ -164,13 +168,19 @@ def dataset_aliases(name: str) -> list[str]:
     return sorted(alias for alias, target in DATASET_ALIASES.items() if target == name)
 
 
-SMALL_IMAGES = {"data.image_size": 32}
+# View presets (issue 8): the transform recipe is an explicit config value, never inferred from the size.
+# REFERENCE.md section 1: ImageNet-scale views are RandomResizedCrop(224) (+ flip) / + RandAugment; the paper's
+# appendix runs EuroSAT, MNIST, DTD, GTSRB and Flowers102 "following the training recipe of ImageNet-1K" (224 px).
+IMAGENET_VIEWS = {"data.image_size": 224, "data.augment": "imagenet"}
+# The FixMatch CIFAR recipe (pad-and-crop, RandAugment + Cutout) at 32 px: the CIFAR SSL benchmarks.
+SMALL_IMAGES = {"data.image_size": 32, "data.augment": "small"}
 # The offline demo (`zsa adapt --dataset digits`): the bundled tiny CLIP teacher, a small CNN student on
 # 16 px inputs (the scans are 8x8), 300 steps of FixMatch-style training: minutes on 2 CPU cores.
 # Short runs need a fast EMA teacher: at 0.99 (half-life ~70 steps) 37% of the teacher is still its random
 # init after 100 steps and it never reaches the confidence threshold; 0.9 (half-life ~7 steps) tracks the student.
 DIGITS_DEMO = {
     "data.image_size": 16,
+    "data.augment": "small",
     "teacher.model": "zsa-tiny-digits",
     "teacher.pretrained": "bundled",
     "teacher.batch_size": 512,
@@ -197,7 +207,7 @@ for _spec in (
         "tanganke/eurosat",
         prompts="eurosat",
         num_classes=10,
-        overrides={"data.image_size": 64},
+        overrides=IMAGENET_VIEWS,
         notes="64x64 Sentinel-2 RGB tiles; ClassLabel names are the CLIP-style names (0 = 'annual crop land'). "
         "Protocols differ (27k / 5.4k / 8.1k test images): this one is tanganke's train/test split.",
     ),
@@ -206,7 +216,7 @@ for _spec in (
         "ylecun/mnist",
         prompts="mnist",
         num_classes=10,
-        overrides=SMALL_IMAGES,
+        overrides=IMAGENET_VIEWS,
         hflip=False,
         notes="28x28 grayscale (converted to RGB); 60k train / 10k test.",
     ),
@@ -235,15 +245,16 @@ for _spec in (
         test_split="validation",
         prompts="food101",
         num_classes=101,
+        overrides=IMAGENET_VIEWS,
         notes="its 25,250-image test split is named 'validation'.",
     ),
-    DatasetSpec("dtd", "tanganke/dtd", prompts="dtd", num_classes=47),
+    DatasetSpec("dtd", "tanganke/dtd", prompts="dtd", num_classes=47, overrides=IMAGENET_VIEWS),
     DatasetSpec(
         "gtsrb",
         "tanganke/gtsrb",
         prompts="gtsrb",
         num_classes=43,
-        overrides=SMALL_IMAGES,
+        overrides=IMAGENET_VIEWS,
         hflip=False,
         notes="no flips: several signs differ only by direction (left/right curve, keep left/right).",
     ),
@@ -252,6 +263,7 @@ for _spec in (
         "dpdl-benchmark/oxford_flowers102",
         prompts="flowers102",
         num_classes=102,
+        overrides=IMAGENET_VIEWS,
         notes="splits train 1,020 / validation 1,020 / test 6,149; not nelorth/oxford-flowers (its label "
         "names are strings in lexicographic order).",
     ),
@@ -261,6 +273,8 @@ for _spec in (
         test_split="validation",
         prompts="imagenet",
         num_classes=1000,
+        overrides=IMAGENET_VIEWS,
+        imagenet_classes=True,
         gated=True,
         notes="gated on the hub; its 'test' split has no labels, so test = 'validation' (50k).",
     ),
@@ -275,6 +289,8 @@ for _spec in (
         image_column="webp",
         label_column="cls",
         prompts="imagenet-v2",
+        overrides=IMAGENET_VIEWS,
+        imagenet_classes=True,
         num_classes=1000,
         notes="matched-frequency, 10k images, test set only; local folders are named '0'..'999'.",
     ),
@@ -288,6 +304,8 @@ for _spec in (
         test_split=None,
         label_column="wnid",
         prompts="imagenet-r",
+        overrides=IMAGENET_VIEWS,
+        imagenet_classes=True,
         num_classes=200,
         notes="30k renditions of 200 ImageNet classes; labels are WordNet ids mapped to prompts/imagenet-r.json.",
     ),
@@ -299,6 +317,8 @@ for _spec in (
         train_split="train",
         test_split=None,
         prompts="imagenet-a",
+        overrides=IMAGENET_VIEWS,
+        imagenet_classes=True,
         num_classes=200,
         notes="7.5k natural adversarial images of 200 ImageNet classes; test set only.",
     ),
@@ -312,6 +332,8 @@ for _spec in (
         image_column="jpg",
         label_column="cls",
         prompts="imagenet-sketch",
+        overrides=IMAGENET_VIEWS,
+        imagenet_classes=True,
         num_classes=1000,
         notes="50,889 sketches of the 1000 ImageNet classes; test set only (songweig/imagenet_sketch is a "
         "loading script, which datasets>=4 no longer runs).",
@@ -329,6 +351,7 @@ for _spec in (
         "imagefolder",
         None,
         label_column=None,
+        overrides=IMAGENET_VIEWS,
         notes="your own data: pass data_dir; classes are the sorted class-folder names.",
     ),
 ):

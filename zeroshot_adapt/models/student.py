@@ -6,11 +6,17 @@ Weights for the student, by ``pretrained``:
 - ``None``: random initialization;
 - ``"timm"``: timm's default pretrained weights for ``arch``; ``"timm:<tag>"`` or a bare tag such as
   ``"a1_in1k"``: that pretrained tag (needs network access or a filled Hugging Face cache);
-- a local file (``.pth`` / ``.pt`` / ``.tar`` / ``.bin`` / ``.safetensors``): loaded with the key
-  remapping of :func:`remap_checkpoint_keys`, which understands MoCo v1/v2 checkpoints
-  (``module.encoder_q.*``), DDP checkpoints (``module.*``) and plain timm / torchvision state dicts.
-  The classifier head is never taken from a self-supervised checkpoint (MoCo's ``fc.*`` is an MLP
-  projection head): it keeps its fresh initialization.
+- a local file (``.pth`` / ``.pt`` / ``.tar`` / ``.bin`` / ``.safetensors``) in one of the published
+  self-supervised formats of :data:`CHECKPOINT_FORMATS` (MoCo v1/v2, MoCo-EMAN, MoCo v3, BYOL-EMAN, DINO,
+  SwAV), a DDP checkpoint (``module.*``) or a plain timm / torchvision state dict: only the backbone is
+  loaded, renamed onto timm's names (torchvision's ResNet names equal timm's), and a :class:`LoadReport`
+  lists what was loaded, missing, unexpected, dropped (projection heads) and ignored (momentum encoders,
+  queues, predictors). The classifier head is never taken from a self-supervised checkpoint: it keeps its
+  fresh initialization.
+
+:func:`check_student_initialisation` guards a run's choice: for transductive zero-shot on a dataset of
+ImageNet classes it refuses weights trained with ImageNet labels (label leakage), and it warns once when a
+paper-recipe ResNet-50 starts from random weights (the paper used a MoCo v2 + EMAN checkpoint).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +44,10 @@ logger = logging.getLogger(__name__)
 TIMM_DEFAULT_WEIGHTS = "timm"
 TIMM_TAG_PREFIX = "timm:"
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".tar", ".bin", ".ckpt", ".safetensors")
-MOCO_QUERY_PREFIX = "module.encoder_q."  # MoCo v1/v2 (facebookresearch/moco) query encoder
 DDP_PREFIX = "module."
-CHECKPOINT_CONTAINER_KEYS = ("state_dict", "model", "model_state_dict")
+# Where a checkpoint file keeps its tensors; DINO's full checkpoint holds "teacher" and "student" (the teacher,
+# which DINO evaluates, first).
+CHECKPOINT_CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "teacher", "student")
 MAX_SUGGESTIONS = 10
 
 
@@ -122,43 +130,104 @@ def create_student_from_config(config: StudentConfig, num_classes: int, image_si
 
 @dataclass
 class LoadReport:
-    """What :func:`load_checkpoint` did. Key lists use the model's names."""
+    """What :func:`load_checkpoint` did. Key lists use the model's names, except ``ignored`` (the file's)."""
 
     source_format: str
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint (kept as initialized)
-    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model (ignored)
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint's backbone, not in the model (ignored)
     mismatched: list[str] = field(default_factory=list)  # present in both, different shapes (ignored)
-    dropped_head: list[str] = field(default_factory=list)  # checkpoint classifier keys not loaded
+    dropped_head: list[str] = field(default_factory=list)  # projection / classifier head keys not loaded
+    ignored: list[str] = field(default_factory=list)  # not the backbone: momentum encoder, queue, predictor ...
+    container: str | None = None  # the checkpoint entry the tensors came from ("state_dict", "teacher", ...)
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """The tensors of a weights file (.safetensors, or a torch file read with weights_only=True: a file
-    holding other objects is refused unread); a UserError names a missing, damaged or unsafe file."""
-    path = Path(path)
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """A published self-supervised checkpoint layout.
+
+    backbone_prefixes: the backbone's keys start with one of these (stripped to get torchvision / timm names).
+    head_prefixes: after stripping, keys that are a projection head (dropped, never loaded).
+    marker_prefixes: the format is recognised only if some key starts with one of these (default: the
+        backbone prefixes).
+    """
+
+    name: str
+    backbone_prefixes: tuple[str, ...]
+    head_prefixes: tuple[str, ...] = ()
+    marker_prefixes: tuple[str, ...] = ()
+
+    def matches(self, keys: list[str]) -> bool:
+        markers = self.marker_prefixes or self.backbone_prefixes
+        return any(k.startswith(markers) for k in keys)
+
+
+CHECKPOINT_FORMATS: tuple[CheckpointFormat, ...] = (
+    # MoCo v1/v2 (facebookresearch/moco) and MoCo-EMAN (amazon-science/exponential-moving-average-normalization,
+    # res50_moco_eman_800ep.pth.tar, the paper's init): checkpoint["state_dict"] holds module.encoder_q.* (query
+    # encoder, torchvision names; fc.0 / fc.2 the MLP projection), module.encoder_k.* (momentum copy),
+    # module.queue, module.queue_ptr. The official DebiasPL and EMAN code load encoder_q without its fc.
+    CheckpointFormat("moco", ("module.encoder_q.", "encoder_q."), ("fc.",)),
+    # MoCo v3 (facebookresearch/moco-v3): module.base_encoder.* (fc.* the projection MLP of a ResNet, head.*
+    # of a ViT), module.momentum_encoder.*, module.predictor.*.
+    CheckpointFormat("moco_v3", ("module.base_encoder.", "base_encoder."), ("fc.", "head.")),
+    # BYOL-EMAN (same EMAN repository, its --model-prefix online_net.backbone).
+    CheckpointFormat("byol_eman", ("module.online_net.backbone.", "online_net.backbone.")),
+    # DINO (facebookresearch/dino) full checkpoints: "teacher" {backbone.*, head.*} and "student"
+    # {module.backbone.*, module.head.*}; its backbone-only release is a plain torchvision dict ("plain").
+    CheckpointFormat("dino", ("module.backbone.", "backbone.")),
+    # SwAV (facebookresearch/swav): module.* with the torchvision trunk, module.projection_head.*, module.prototypes.*.
+    CheckpointFormat("swav", ("module.",), ("projection_head.", "prototypes."),
+                     marker_prefixes=("module.prototypes.", "module.projection_head.")),
+)
+"""Recognised in this order, first match wins; then ``ddp`` (every key ``module.*``) and ``plain``."""
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], str | None]:
+    """(tensors, the container entry they came from or None) of a checkpoint file; UserError if unreadable.
+
+    Loaded with ``weights_only=True`` (no code runs); ``argparse.Namespace`` is allowed, because DINO and
+    other research checkpoints store their command-line arguments in one."""
+    import argparse
+
+    path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"student checkpoint {str(path)!r} does not exist")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path))
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path)), None
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickles with arbitrary objects, corrupt files
         raise UserError(f"could not read student checkpoint {str(path)!r}: {error}") from None
-    return extract_state_dict(checkpoint, str(path))
+    return extract_state_dict_from(checkpoint, str(path))
 
 
-def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str, Tensor]:
-    """The tensor mapping inside a training checkpoint (``state_dict`` / ``model`` entries), or itself."""
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a weights file (see :func:`read_checkpoint`): .safetensors, or a torch file read with
+    weights_only=True (a file holding other objects is refused unread); UserError for a missing, damaged or
+    unsafe file."""
+    return read_checkpoint(path)[0]
+
+
+def extract_state_dict_from(checkpoint: Any, source: str = "checkpoint") -> tuple[dict[str, Tensor], str | None]:
+    """(the tensor mapping inside a training checkpoint, or itself; the entry it was found under or None)."""
+    container = None
     if isinstance(checkpoint, Mapping):
         for key in CHECKPOINT_CONTAINER_KEYS:
             if isinstance(checkpoint.get(key), Mapping):
-                checkpoint = checkpoint[key]
+                checkpoint, container = checkpoint[key], key
                 break
     if not isinstance(checkpoint, Mapping) or not any(isinstance(v, Tensor) for v in checkpoint.values()):
         raise UserError(f"{source} holds no state dict (looked for the keys {list(CHECKPOINT_CONTAINER_KEYS)})")
-    return {k: v for k, v in checkpoint.items() if isinstance(v, Tensor)}
+    return {k: v for k, v in checkpoint.items() if isinstance(v, Tensor)}, container
+
+
+def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str, Tensor]:
+    """The tensor mapping inside a training checkpoint (``state_dict`` / ``model`` / ``teacher`` ...), or itself."""
+    return extract_state_dict_from(checkpoint, source)[0]
 
 
 def classifier_prefix(model: nn.Module) -> str:
@@ -167,29 +236,44 @@ def classifier_prefix(model: nn.Module) -> str:
     return f"{name}."
 
 
-def remap_checkpoint_keys(
-    state: Mapping[str, Tensor], head_prefix: str = "fc."
-) -> tuple[dict[str, Tensor], str, list[str]]:
-    """Rename checkpoint keys to timm's names. Returns ``(state, source_format, dropped_head_keys)``.
+@dataclass
+class Remapped:
+    """:func:`remap_checkpoint_keys`'s result: backbone tensors under the model's names, and what was left out."""
 
-    Rules, first match wins:
+    state: dict[str, Tensor]
+    source_format: str
+    dropped_head: list[str]  # projection heads (and the model's classifier prefix), stripped names
+    ignored: list[str]  # everything outside the backbone, the file's names
 
-    - ``moco``: any key starts with ``module.encoder_q.`` (MoCo v1/v2, EMAN's MoCo): keep only the query
-      encoder and strip the prefix (drops ``encoder_k.*``, ``queue``, ``queue_ptr``), then drop the
-      MLP projection head ``fc.*`` (``fc.0``, ``fc.2``). torchvision's ResNet names equal timm's
-      (``conv1``, ``bn1``, ``layerN.M.convK``, ``downsample.0/1``), so no further renaming is needed;
-    - ``ddp``: every key starts with ``module.``: strip it;
-    - ``plain``: unchanged.
 
-    head_prefix: the model's classifier prefix; for MoCo it is dropped whatever its shape.
+def remap_checkpoint_keys(state: Mapping[str, Tensor], head_prefix: str = "fc.") -> Remapped:
+    """Rename checkpoint keys to timm's names (formats: :data:`CHECKPOINT_FORMATS`).
+
+    A self-supervised format keeps only its backbone (its prefix stripped), drops its projection heads and the
+    model's classifier prefix `head_prefix` (a self-supervised ``fc`` is never a classifier), and ignores every
+    other key (momentum encoders, queues, predictors, DINO's head). ``ddp``: every key starts with
+    ``module.``: strip it. ``plain``: unchanged. torchvision's ResNet names equal timm's (``conv1``, ``bn1``,
+    ``layerN.M.convK``, ``downsample.0/1``), so no further renaming is needed.
     """
-    if any(k.startswith(MOCO_QUERY_PREFIX) for k in state):
-        encoder = {k[len(MOCO_QUERY_PREFIX) :]: v for k, v in state.items() if k.startswith(MOCO_QUERY_PREFIX)}
-        dropped = sorted(k for k in encoder if k.startswith(head_prefix))
-        return {k: v for k, v in encoder.items() if k not in dropped}, "moco", dropped
-    if state and all(k.startswith(DDP_PREFIX) for k in state):
-        return {k[len(DDP_PREFIX) :]: v for k, v in state.items()}, "ddp", []
-    return dict(state), "plain", []
+    keys = list(state)
+    for fmt in CHECKPOINT_FORMATS:
+        if not fmt.matches(keys):
+            continue
+        backbone: dict[str, Tensor] = {}
+        dropped, ignored = [], []
+        heads = (*fmt.head_prefixes, head_prefix)
+        for key, value in state.items():
+            prefix = next((p for p in fmt.backbone_prefixes if key.startswith(p)), None)
+            if prefix is None:
+                ignored.append(key)
+            elif key[len(prefix) :].startswith(heads):
+                dropped.append(key[len(prefix) :])
+            else:
+                backbone[key[len(prefix) :]] = value
+        return Remapped(backbone, fmt.name, sorted(dropped), sorted(ignored))
+    if keys and all(k.startswith(DDP_PREFIX) for k in keys):
+        return Remapped({k[len(DDP_PREFIX) :]: v for k, v in state.items()}, "ddp", [], [])
+    return Remapped(dict(state), "plain", [], [])
 
 
 def load_state_dict_into(model: nn.Module, state: Mapping[str, Tensor], source: str = "checkpoint") -> LoadReport:
@@ -200,11 +284,12 @@ def load_state_dict_into(model: nn.Module, state: Mapping[str, Tensor], source: 
     so the head keeps its fresh initialization.
     """
     head = classifier_prefix(model)
-    remapped, source_format, dropped_head = remap_checkpoint_keys(state, head_prefix=head)
+    remapped = remap_checkpoint_keys(state, head_prefix=head)
+    source_format = remapped.source_format
     own = model.state_dict()
-    report = LoadReport(source_format=source_format, dropped_head=dropped_head)
+    report = LoadReport(source_format=source_format, dropped_head=remapped.dropped_head, ignored=remapped.ignored)
     to_load: dict[str, Tensor] = {}
-    for key, value in remapped.items():
+    for key, value in remapped.state.items():
         if key not in own:
             report.unexpected.append(key)
         elif own[key].shape != value.shape:
@@ -222,11 +307,13 @@ def load_state_dict_into(model: nn.Module, state: Mapping[str, Tensor], source: 
     backbone_missing = [k for k in report.missing if not k.startswith(head)]
     head_fresh = any(k.startswith(head) for k in report.missing)
     logger.info(
-        "loaded %d tensors from %s (format %s)%s",
+        "loaded %d tensors from %s (format %s)%s; %d head tensors dropped, %d non-backbone tensors ignored",
         len(report.loaded),
         source,
         source_format,
         f"; classifier {head}* re-initialized" if head_fresh else "",
+        len(report.dropped_head),
+        len(report.ignored),
     )
     if backbone_missing or report.unexpected or report.mismatched:
         logger.warning(
@@ -242,7 +329,94 @@ def load_state_dict_into(model: nn.Module, state: Mapping[str, Tensor], source: 
 def load_checkpoint(model: nn.Module, path: str | Path) -> LoadReport:
     """Load a local checkpoint file into `model` (see :func:`load_state_dict_into`)."""
     path = Path(path).expanduser()
-    return load_state_dict_into(model, read_state_dict(path), source=str(path))
+    state, container = read_checkpoint(path)
+    report = load_state_dict_into(model, state, source=str(path) + (f" [{container}]" if container else ""))
+    report.container = container
+    return report
+
+
+# --- the run's choice of initialisation -------------------------------------------------------------------
+
+PAPER_CHECKPOINT = "res50_moco_eman_800ep.pth.tar"
+"""The paper's student init (REFERENCE.md section 1): ResNet-50, MoCo v2 + EMAN, 800 epochs, released with EMAN
+(github.com/amazon-science/exponential-moving-average-normalization)."""
+IMAGENET_LABEL_TAG = re.compile(r"in(1|12|21|22)k")
+"""timm tags trained (or fine-tuned) with ImageNet labels: in1k, in12k, in21k, in22k (e.g. a1_in1k, tv_in1k,
+fb_swsl_ig1b_ft_in1k). Self-supervised tags (dino, mae, ...) do not match."""
+IMAGENET_NUM_CLASSES = 1000
+_warned: set[str] = set()
+
+
+def _resolved_timm_name(arch: str, pretrained: str) -> str | None:
+    """'<arch>.<tag>' that `pretrained` names through timm (the default tag resolved), or None for a file."""
+    tag = _timm_tag(pretrained)
+    if tag is None:
+        return None
+    base, _, arch_tag = arch.partition(".")
+    tag = tag or arch_tag
+    if not tag:  # timm's default tag: the first one it lists
+        valid = timm.list_pretrained(f"{base}.*")
+        return valid[0] if valid else base
+    return f"{base}.{tag}"
+
+
+def _imagenet_classifier_in_file(path: str) -> tuple[bool, str]:
+    """(whether the file holds a 1000-way classifier with a non-self-supervised backbone, what was found)."""
+    state, _ = read_checkpoint(path)
+    remapped = remap_checkpoint_keys(state)
+    if remapped.source_format not in ("plain", "ddp"):
+        return False, f"a {remapped.source_format} self-supervised checkpoint"
+    for key, value in remapped.state.items():
+        if key.endswith("weight") and value.ndim == 2 and value.shape[0] == IMAGENET_NUM_CLASSES:
+            return True, f"a checkpoint with a {IMAGENET_NUM_CLASSES}-way classifier ({key}, {tuple(value.shape)})"
+    return False, "no ImageNet classifier"
+
+
+def check_student_initialisation(config: Any) -> None:
+    """Refuse label leakage, warn about a random-init paper run. `config`: a resolved RunConfig.
+
+    - Transductive zero-shot (not SSL) on a dataset of ImageNet classes (DatasetSpec.imagenet_classes) from
+      weights trained with ImageNet labels — a timm tag with in1k / in12k / in21k / in22k (``timm`` means the
+      arch's default tag), or a local plain / DDP checkpoint holding a 1000-way classifier (a supervised model
+      or a linear probe) — is a UserError: the "zero-shot" result would have seen the target labels.
+      ``student.allow_label_leakage=true`` overrides it on purpose.
+    - A paper-recipe ResNet-50 run without ``student.pretrained`` warns once per process, naming the paper's
+      checkpoint and how to pass it.
+    """
+    from zeroshot_adapt.config import run_mode
+    from zeroshot_adapt.data.registry import get_spec
+
+    student = config.student
+    mode = run_mode(config)
+    if student.pretrained is None:
+        if config.recipe == "paper" and student.arch.partition(".")[0] == "resnet50" and "random" not in _warned:
+            _warned.add("random")
+            banner = "!" * 100
+            logger.warning(
+                "\n%s\nThe paper recipe's ResNet-50 starts from RANDOM weights. The paper (%s) initialised it from the "
+                "self-supervised MoCo v2 + EMAN checkpoint %s (800 epochs, released at github.com/amazon-science/"
+                "exponential-moving-average-normalization); without it expect far lower accuracy. Pass it with\n"
+                "  --student-init /path/to/%s   (or --set student.pretrained=/path/to/%s)\n%s",
+                banner, "T-ZSL" if mode == "tzsl" else "SSL", PAPER_CHECKPOINT, PAPER_CHECKPOINT, PAPER_CHECKPOINT,
+                banner,
+            )
+        return
+    if mode != "tzsl" or student.allow_label_leakage or not get_spec(config.data.dataset).imagenet_classes:
+        return
+    timm_name = _resolved_timm_name(student.arch, student.pretrained)
+    if timm_name is not None:
+        leaks = IMAGENET_LABEL_TAG.search(timm_name.partition(".")[2]) is not None
+        found = f"timm weights {timm_name!r}, trained with ImageNet labels"
+    else:
+        leaks, found = _imagenet_classifier_in_file(student.pretrained)
+    if leaks:
+        raise UserError(
+            f"student.pretrained={student.pretrained!r} is {found}, and dataset {config.data.dataset!r} has ImageNet "
+            "classes: a transductive zero-shot result from this init would have seen the target labels (label "
+            f"leakage). Use a self-supervised checkpoint (the paper's: {PAPER_CHECKPOINT}, MoCo v2 + EMAN; MoCo v3, "
+            "DINO, SwAV load too), or set student.allow_label_leakage=true to run it on purpose (and do not report "
+            "the result as zero-shot)"
+        )
 
 
 # --- EMAN teacher -------------------------------------------------------------------------------------
