@@ -125,10 +125,13 @@ def test_bad_clip_train_is_refused_listing_the_valid_values(cache_dir):
         _config(cache_dir, "student.clip_train=some")
 
 
-def test_lora_without_peft_or_implementation_is_a_clear_error(cache_dir, step0):
+def test_lora_is_refused_naming_the_working_modes(cache_dir, step0, tmp_path):
     _, student, _ = step0
-    with pytest.raises(UserError, match=r"zeroshot-adapt\[lora\]|not implemented"):
+    with pytest.raises(UserError, match="clip_train=lora is not implemented yet.*all, last-blocks"):
         student.set_trainable("lora")
+    with pytest.raises(UserError, match="clip_train=lora is not implemented yet"):  # before any expensive stage
+        pipeline.adapt(_config(cache_dir, "student.clip_train=lora", run_dir=tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("pretrained", ["timm", "timm:a1_in1k", "a1_in1k"])

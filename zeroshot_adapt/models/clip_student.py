@@ -14,8 +14,8 @@ What trains (``student.clip_train``, :data:`CLIP_TRAIN_MODES`):
 - ``last-blocks``: the last ``student.clip_train_blocks`` residual blocks of the image tower, every layer after
   them (ViT: ``ln_post`` / ``proj`` / attention pooling; ResNet: ``attnpool``), every normalization layer and
   the head; everything else is frozen (``requires_grad=False``: not in the optimizer, no weight decay);
-- ``lora``: low-rank adapters through the optional ``peft`` library (``pip install zeroshot-adapt[lora]``);
-  not implemented yet: refused with a UserError naming the working modes.
+- ``lora``: reserved for low-rank adapters (planned through the optional ``peft`` library); not implemented
+  yet: refused with a UserError naming the working modes.
 
 The module has timm's classifier interface (``forward_features``, ``forward_head(pre_logits=...)``,
 ``get_classifier``, ``reset_classifier``, ``num_classes``, ``pretrained_cfg``), so the training loop, the EMAN
@@ -265,14 +265,9 @@ def _blocks_and_tail(visual: nn.Module) -> tuple[list[nn.Module], list[nn.Module
 def check_train_mode(mode: str) -> None:
     if mode not in CLIP_TRAIN_MODES:
         raise UserError(f"unknown student.clip_train {mode!r}; valid: {', '.join(CLIP_TRAIN_MODES)}")
-    if mode == "lora":
-        try:
-            import peft  # noqa: F401
-        except ImportError:
-            raise UserError("student.clip_train=lora needs the optional peft library: pip install "
-                            "zeroshot-adapt[lora]") from None
-        raise UserError("student.clip_train=lora is not implemented yet; use one of "
-                        f"{', '.join(IMPLEMENTED_TRAIN_MODES)}")
+    if mode not in IMPLEMENTED_TRAIN_MODES:
+        raise UserError(f"student.clip_train={mode} is not implemented yet (LoRA is planned through the optional peft "
+                        f"library); use one of {', '.join(IMPLEMENTED_TRAIN_MODES)}")
 
 
 # ----------------------------------------------------------------------------- building it for a run
