@@ -170,3 +170,16 @@ def test_adapt_end_to_end_then_load_and_predict(cache_dir, tmp_path, algorithm, 
     assert top1 == pytest.approx(report["student"]["top1"], abs=1e-6)  # the loaded student is the evaluated one
     # it starts at CLIP's zero-shot accuracy (a random-init student would sit near 10%); 3 small steps stay near it
     assert abs(top1 - report["clip_zeroshot"]["top1"]) < 0.1
+
+
+def test_student_pretrained_file_must_be_a_clip_student_state_dict(cache_dir, tmp_path, step0):
+    config, student, preds = step0
+    saved = tmp_path / "student.pt"
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in student.state_dict().items()}
+    torch.save(state, saved)
+    with_file = replace(config, student=replace(config.student, pretrained=str(saved)))
+    loaded = create_clip_student(with_file, 10, preds.text_classifier, preds.logit_scale)
+    assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in state)  # the file's weights, not the head init
+    torch.save({"conv1.weight": torch.zeros(3)}, saved)
+    with pytest.raises(UserError, match="is not a state dict of this CLIP student"):
+        create_clip_student(with_file, 10, preds.text_classifier, preds.logit_scale)
