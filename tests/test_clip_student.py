@@ -154,6 +154,7 @@ def test_adapt_end_to_end_then_load_and_predict(cache_dir, tmp_path, algorithm, 
     assert main(argv) == 0
     report = json.loads((run_dir / "report.json").read_text())
     assert report["completed"] and report["step"] == 3 and report["algorithm"] == algorithm
+    assert report["method"]["views"] == "small 32 px"  # CLIP's input size, not the demo's data.image_size=16
     config = run_config(run_dir)
     assert config.student.arch == "clip" and config.student.clip_train == "last-blocks"
     model = load_trained_student(config, 10, run_dir / "student.pt")

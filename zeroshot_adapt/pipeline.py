@@ -915,6 +915,15 @@ def student_transforms(config: RunConfig, *, recipe: str, hflip: bool):
     return build_transforms(config.data.image_size, recipe=recipe, hflip=hflip)
 
 
+def _student_image_size(config: RunConfig) -> int:
+    """The student's input size: data.image_size, or a CLIP student's own."""
+    from zeroshot_adapt.models.clip_student import clip_preprocess, is_clip_arch
+
+    if is_clip_arch(config.student.arch):
+        return clip_preprocess(config.teacher.model, config.teacher.pretrained).size
+    return config.data.image_size
+
+
 def _clip_student(config: RunConfig, data: TrainingData):
     """The CLIP student (models/clip_student.py), its head the cached zero-shot classifier."""
     from zeroshot_adapt.models.clip_student import count_parameters, create_clip_student
@@ -952,7 +961,7 @@ def method_summary(config: RunConfig) -> dict[str, Any]:
         "clip_fill_threshold": algorithm.clip_fill_threshold,
         "unlabeled_set": "excludes labeled" if config.ssl.enabled else config.pseudo.unlabeled_set,
         "student_init": config.student.pretrained,
-        "views": f"{config.data.augment} {config.data.image_size} px",
+        "views": f"{config.data.augment} {_student_image_size(config)} px",
     }
 
 
