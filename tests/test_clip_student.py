@@ -156,6 +156,11 @@ def test_adapt_end_to_end_then_load_and_predict(cache_dir, tmp_path, algorithm, 
     assert report["completed"] and report["step"] == 3 and report["algorithm"] == algorithm
     assert report["method"]["views"] == "small 32 px"  # CLIP's input size, not the demo's data.image_size=16
     config = run_config(run_dir)
+    # frozen parameters are not in the optimizer (so no weight decay on them): one entry per trainable tensor
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    in_optimizer = sum(len(group["params"]) for group in checkpoint["optimizer"]["param_groups"])
+    expected = ClipStudent.from_export_config({**step0[1].export_config(), "train": "last-blocks", "train_blocks": 1})
+    assert in_optimizer == sum(p.requires_grad for p in expected.parameters()) < len(list(expected.parameters()))
     assert config.student.arch == "clip" and config.student.clip_train == "last-blocks"
     model = load_trained_student(config, 10, run_dir / "student.pt")
     _, initial, preds = step0
