@@ -286,3 +286,19 @@ def test_timm_transform_reproduces_the_eval_transform(size):
         config = describe_eval_transform(transform)
         assert preprocessing_difference(transform, config) == 0.0, (size, recipe, config)
     assert crop_pct_for(224, 256) == 0.875 and crop_pct_for(16, 16) == 1.0
+
+
+def test_card_metrics_of_an_unlabeled_run_are_label_free_only():
+    """Without labels the report has no top-1: the card shows its label-free diagnostics and nothing else."""
+    from zeroshot_adapt.export import metrics_section
+
+    free = {"agreement_with_clip": 0.8125, "average_confidence": 0.9, "prediction_distribution": {
+        "imbalance_ratio": 3.5, "counts": [1, 2]}}
+    report = {"student": {"top1": None, "top5": None, "mean_per_class_recall": None, "label_free": free},
+              "ema": {"top1": None, "label_free": free}, "notes": ["the 9 test images have no labels"]}
+    text = "\n".join(metrics_section(report, "student"))
+    assert "top-1 |" not in text and "%" not in text
+    assert "| agreement_with_clip | 0.8125 |" in text and "| prediction_distribution.imbalance_ratio | 3.5 |" in text
+    assert "counts" not in text and "Note: the 9 test images have no labels" in text
+    empty = "\n".join(metrics_section({}, "student"))
+    assert "measured no metric" in empty
