@@ -302,3 +302,23 @@ def test_card_metrics_of_an_unlabeled_run_are_label_free_only():
     assert "counts" not in text and "Note: the 9 test images have no labels" in text
     empty = "\n".join(metrics_section({}, "student"))
     assert "measured no metric" in empty
+
+
+def test_open_clip_style_eval_transforms_are_described_for_timm():
+    """CLIP students use open_clip's eval preprocessing (bicubic, a convert-to-RGB step; squash or shorter side)."""
+    from torchvision import transforms as T
+
+    from zeroshot_adapt.export import preprocessing_difference
+
+    def _convert_to_rgb(image):
+        return image.convert("RGB")
+
+    finish = [_convert_to_rgb, T.ToTensor(), T.Normalize((0.48, 0.46, 0.41), (0.27, 0.26, 0.28))]
+    for resize, mode in ((T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), "center"),
+                         (T.Resize((32, 32), interpolation=T.InterpolationMode.BICUBIC), "squash")):
+        transform = T.Compose([resize, T.CenterCrop(32), *finish])
+        config = describe_eval_transform(transform)
+        assert config["crop_mode"] == mode and config["interpolation"] == "bicubic"
+        assert preprocessing_difference(transform, config) == 0.0
+    with pytest.raises(UserError, match="unexpected step"):
+        describe_eval_transform(T.Compose([T.Resize(32), T.RandomHorizontalFlip(), T.CenterCrop(32), *finish]))

@@ -160,8 +160,8 @@ def crop_pct_for(image_size: int, resize: int) -> float:
 
 def describe_eval_transform(transform) -> dict[str, Any]:
     """timm's data config (input_size, interpolation, crop_pct, crop_mode, mean, std) of an eval transform of
-    the form Resize(shorter side) -> CenterCrop -> ToTensor -> Normalize (what this package and open_clip use;
-    a convert-to-RGB step is a no-op on decoded images). UserError for any other form."""
+    the form Resize(shorter side, or both to a square) -> CenterCrop -> ToTensor -> Normalize (what this package
+    and open_clip use; a convert-to-RGB step is a no-op on decoded images). UserError for any other form."""
     from torchvision import transforms as T
 
     steps = list(getattr(transform, "transforms", [transform]))
@@ -180,10 +180,12 @@ def describe_eval_transform(transform) -> dict[str, Any]:
     if resize is None or crop is None or normalize is None:
         raise UserError(f"cannot describe the run's eval transform for timm (needs Resize, CenterCrop, Normalize): "
                         f"{transform!r}")
-    size = resize.size if isinstance(resize.size, int) else resize.size
+    size, crop_mode = resize.size, "center"  # center: resize the shorter side, keep the aspect ratio
     if not isinstance(size, int):
-        if len(size) != 1:
-            raise UserError(f"the run's eval transform resizes to {size!r}, not its shorter side")
+        if len(size) == 2 and size[0] == size[1]:
+            crop_mode = "squash"  # both sides to the same length (open_clip's resize_mode="squash")
+        elif len(size) != 1:
+            raise UserError(f"the run's eval transform resizes to {size!r}, neither its shorter side nor a square")
         size = size[0]
     crop_size = crop.size if isinstance(crop.size, int) else crop.size[0]
     if not isinstance(crop.size, int) and len(set(crop.size)) != 1:
@@ -193,7 +195,7 @@ def describe_eval_transform(transform) -> dict[str, Any]:
         "input_size": (3, int(crop_size), int(crop_size)),
         "interpolation": str(mode),
         "crop_pct": crop_pct_for(int(crop_size), int(size)),
-        "crop_mode": "center",
+        "crop_mode": crop_mode,
         "mean": tuple(float(m) for m in normalize.mean),
         "std": tuple(float(s) for s in normalize.std),
     }
