@@ -205,6 +205,9 @@ def test_predict_cli_skips_corrupt_files_and_sorts_top_k(cnn_run, cnn_export, di
 
 
 def test_python_api_on_folders_paths_and_pil_images(cnn_export, digit_folder):
+    import zeroshot_adapt
+
+    assert zeroshot_adapt.predict_folder is predict_folder and zeroshot_adapt.load_exported is load_exported
     files = _good_files(digit_folder)
     folder = predict_folder(cnn_export, digit_folder, top_k=10, progress=False)
     assert len(folder.keys) == NUM_IMAGES and folder.indices.shape == folder.probs.shape == (NUM_IMAGES, 10)
