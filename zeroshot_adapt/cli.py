@@ -194,6 +194,31 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="DataLoader workers")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
+    p = sub.add_parser(
+        "export",
+        help="write a finished run's student as a timm / Hugging Face hub folder (model.safetensors, config.json, "
+             "README.md model card)",
+        description="Weights only (safetensors, never a pickle). A timm student loads with "
+        "timm.create_model('local-dir:OUT', pretrained=True); a CLIP student with zeroshot_adapt.load_exported(OUT).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished `zsa adapt` / `zsa ssl` run directory")
+    p.add_argument("--out", required=True, help="output folder (new or empty, unless --force)")
+    p.add_argument("--weights", choices=("student", "ema"), default="student",
+                   help="student: the run's final student, student.pt (default); ema: its EMA (EMAN) teacher at the "
+                        "last step")
+    p.add_argument("--force", action="store_true", help="replace the export files of a non-empty --out")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    p = sub.add_parser("predict", help="top-k predictions of an exported model on a folder of images -> CSV")
+    p.add_argument("--model", required=True, help="a folder written by `zsa export`")
+    p.add_argument("--data-dir", required=True, help="folder of images (flat or nested)")
+    p.add_argument("--out", required=True, help="predictions CSV (a .summary.json with the skipped files goes beside)")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image, most probable first (default 5)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images (default 0)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
     sub.add_parser("datasets", help="list registered datasets")
     sub.add_parser("algorithms", help="list registered algorithms")
     sub.add_parser("transduct-methods", help="list the training-free transduction methods")
@@ -284,6 +309,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         return _suite(args)
     if args.command == "evaluate":
         return _evaluate(args)
+    if args.command == "export":
+        return _export(args)
+    if args.command == "predict":
+        return _predict(args)
     if args.command == "algorithms":
         from zeroshot_adapt.algorithms import ALGORITHMS
 
@@ -597,6 +626,30 @@ def _evaluate(args: argparse.Namespace) -> int:
     report = pipeline.robustness_report(args.run_dir, configs, out)
     print(report["table"])
     print(f"report: {out / 'robustness.json'}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from zeroshot_adapt.export import export_run
+
+    result = export_run(args.run_dir, args.out, weights=args.weights, force=args.force)
+    print(f"exported the run's {result.weights} ({result.architecture}) to {result.out_dir}: "
+          f"{', '.join(result.files)}; loaded back, max |logit difference| {result.max_logit_difference:.2g}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from zeroshot_adapt.predict import Predictor, summary_path, write_predictions_csv
+    from zeroshot_adapt.reports.metrics import write_json
+
+    predictor = Predictor.load(args.model, device=args.device)
+    result = predictor.predict_folder(args.data_dir, top_k=args.top_k, batch_size=args.batch_size,
+                                      num_workers=args.num_workers)
+    out = write_predictions_csv(result, args.out)
+    sidecar = write_json({"model": str(args.model), "data_dir": str(args.data_dir), **result.summary()},
+                         summary_path(out))
+    print(f"{len(result.keys)} image(s) predicted (top-{result.top_k}) -> {out}; {len(result.skipped)} skipped "
+          f"(listed in {sidecar})")
     return 0
 
 

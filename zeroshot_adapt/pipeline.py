@@ -870,6 +870,7 @@ def _adapt(config: RunConfig, *, stop_after_steps: int | None, data: TrainingDat
                         "teacher_method": config.transduct.method},
         "unlabeled_set": {"size": int(len(data.unlabeled_indices))},
         "method": method_summary(config),
+        "provenance": provenance_summary(config, data),
     }
     if result.history:
         report["corrupt_training_images_skipped"] = result.history[-1].get("corrupt_images_skipped", 0)
@@ -924,6 +925,28 @@ def method_summary(config: RunConfig) -> dict[str, Any]:
         "views": f"{config.data.augment} {config.data.image_size} px",
     }
 
+
+def provenance_summary(config: RunConfig, data: TrainingData) -> dict[str, Any]:
+    """Where a run's student comes from (report.json "provenance", read by `zsa export`'s model card): the
+    CLIP teacher and its prompts (None without CLIP: SSL on human labels only), the student's output classes
+    in order, and each split's dataset, size and fingerprint (every sample's key and content id)."""
+    teacher = None
+    if not config.ssl.enabled or config.ssl.use_clip:
+        prompts = prompts_for(config, data.train)
+        teacher = {
+            "model": config.teacher.model,
+            "pretrained": config.teacher.pretrained,
+            "prompts": {"source": prompts.source, "provenance": prompts.provenance,
+                        "num_templates": len(prompts.templates), "per_class_prompts": prompts.class_prompts is not None,
+                        "digest": prompts.digest()},
+        }
+
+    def split(table: SampleTable | None) -> dict[str, Any] | None:
+        return None if table is None else {"dataset": table.dataset, "split": table.split, "size": len(table),
+                                           "fingerprint": table.fingerprint}
+
+    return {"teacher": teacher, "class_names": list(data.class_names), "train": split(data.train),
+            "test": split(data.test)}
 
 
 def training_views(config: RunConfig, data: TrainingData, transforms, num_views: int, device: torch.device):
