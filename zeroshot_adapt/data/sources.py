@@ -645,7 +645,8 @@ class ImageFolderSource(Source):
             id_of = dict(zip(class_dirs, ids, strict=True))
         else:
             if not self._folder_classes:
-                raise UserError(f"{str(base)!r} has no class folders and the dataset has no class list")
+                raise UserError(f"{str(base)!r} has no class folders and the dataset has no class list: for "
+                                "unlabeled images pass --classes FILE (one class name per line)")
             class_names = self._folder_classes
             id_of = {name: i for i, name in enumerate(class_names)}
         labels = np.array([UNKNOWN_LABEL if raw is None else id_of[raw] for raw in raw_labels], dtype=np.int64)
