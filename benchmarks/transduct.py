@@ -44,8 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from accuracy import MNIST_DIR
-from accuracy import _overrides as dataset_overrides
+from accuracy import MNIST_DIR, _targets
 from common import RESULTS_DIR, command_line, load_average, timestamp
 
 HERE = Path(__file__).resolve().parent
@@ -69,7 +68,7 @@ MB = 1 << 20
 def _config(dataset: str, *extra: str, cache_dir: str | None = None):
     from zeroshot_adapt import pipeline
 
-    overrides = [*dataset_overrides(dataset), *extra]
+    overrides = [*_targets()[dataset].overrides, *extra]
     if cache_dir:
         overrides.append(f"teacher.cache_dir={cache_dir}")
     return pipeline.resolve_config(dataset, overrides=overrides)

@@ -17,17 +17,26 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # stopped by SIGINT / SIGTERM after writing a checkpoint: re-run to resume
 REBUILD_HELP = "delete the CLIP prediction cache(s) this command uses and predict every image again"
 SECONDS_PER_DAY = 86_400
+PRETRAINED_HELP = ("open_clip pretrained tag or a local checkpoint path (default openai; 'bundled' for the models "
+                   "shipped in this package, e.g. zsa-tiny-digits, and the default there)")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", help="registered dataset name (see `zsa datasets`)")
-    parser.add_argument("--data-dir", help="local data: an image-folder tree, a save_to_disk directory or MNIST IDX")
+    parser.add_argument("--data-dir", help="local data: an image-folder tree, a save_to_disk directory or MNIST IDX "
+                                           "(without --dataset: your own folder, dataset imagefolder)")
     parser.add_argument("--config", help="YAML file of config overrides")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted config override, repeatable (e.g. --set algorithm.tau=0.5)")
     parser.add_argument("--model", help="open_clip model name (default RN50-quickgelu)")
-    parser.add_argument("--pretrained", help="open_clip pretrained tag or a local checkpoint path (default openai)")
+    parser.add_argument("--pretrained", help=PRETRAINED_HELP)
     parser.add_argument("--prompts", help="prompt file name in prompts/ or a path to a JSON prompt file")
+    parser.add_argument("--classes", metavar="FILE",
+                        help="your class names, one per line, in label order; with --data-dir (dataset imagefolder) "
+                             "every image is unlabeled and subfolders are organisation, not classes")
+    parser.add_argument("--templates", metavar="FILE",
+                        help="prompt templates, one per line, with a {} or {c} slot for the class name "
+                             "(default: CLIP's 80 ImageNet templates from open_clip)")
     parser.add_argument("--cache-dir", help="where CLIP prediction caches live (default ~/.cache/zeroshot-adapt)")
     parser.add_argument("--num-workers", type=int, help="DataLoader workers")
     parser.add_argument("--pipeline", choices=("cpu", "device", "auto"),
@@ -174,7 +183,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="dotted config override for every dataset, repeatable (a datasets-file entry's own "
                         "overrides win)")
     p.add_argument("--model", help="open_clip teacher for every dataset (default: each dataset's preset)")
-    p.add_argument("--pretrained", help="open_clip pretrained tag or a local checkpoint path")
+    p.add_argument("--pretrained", help=PRETRAINED_HELP)
     p.add_argument("--cache-dir", help="where CLIP prediction caches live (default ~/.cache/zeroshot-adapt)")
     p.add_argument("--num-workers", type=int, help="DataLoader workers")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -192,6 +201,31 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default RUN/robustness)")
     p.add_argument("--cache-dir", help="where CLIP prediction caches live (default: the run's)")
     p.add_argument("--num-workers", type=int, help="DataLoader workers")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    p = sub.add_parser(
+        "export",
+        help="write a finished run's student as a timm / Hugging Face hub folder (model.safetensors, config.json, "
+             "README.md model card)",
+        description="Weights only (safetensors, never a pickle). A timm student loads with "
+        "timm.create_model('local-dir:OUT', pretrained=True); a CLIP student with zeroshot_adapt.load_exported(OUT).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished `zsa adapt` / `zsa ssl` run directory")
+    p.add_argument("--out", required=True, help="output folder (new or empty, unless --force)")
+    p.add_argument("--weights", choices=("student", "ema"), default="student",
+                   help="student: the run's final student, student.pt (default); ema: its EMA (EMAN) teacher at the "
+                        "last step")
+    p.add_argument("--force", action="store_true", help="replace the export files of a non-empty --out")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    p = sub.add_parser("predict", help="top-k predictions of an exported model on a folder of images -> CSV")
+    p.add_argument("--model", required=True, help="a folder written by `zsa export`")
+    p.add_argument("--data-dir", required=True, help="folder of images (flat or nested)")
+    p.add_argument("--out", required=True, help="predictions CSV (a .summary.json with the skipped files goes beside)")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image, most probable first (default 5)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images (default 0)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     sub.add_parser("datasets", help="list registered datasets")
@@ -245,7 +279,40 @@ def _overrides(args: argparse.Namespace) -> list[str]:
             out.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
     if getattr(args, "clip_fill", None) is not None and args.command == "ssl":
         out.append("ssl.use_clip=true")  # SSL needs CLIP's predictions for the fill; T-ZSL always has them
+    if _needs_bundled_weights(args):
+        out.append("teacher.pretrained=\"bundled\"")
     return out + list(args.overrides)
+
+
+def _needs_bundled_weights(args: argparse.Namespace) -> bool:
+    """`--model M` of a model shipped in this package, with no --pretrained anywhere: its weights are
+    `bundled` (it has no open_clip tag, so the default `openai` cannot load it)."""
+    from zeroshot_adapt.teacher.clip import bundled_models
+
+    if getattr(args, "model", None) not in bundled_models() or getattr(args, "pretrained", None) is not None:
+        return False
+    if any(o.startswith("teacher.pretrained=") for o in args.overrides):
+        return False
+    return "pretrained" not in _config_file_values(args).get("teacher", {})
+
+
+def _config_file_values(args: argparse.Namespace) -> dict:
+    from zeroshot_adapt.config import load_yaml
+
+    config_file = getattr(args, "config", None)
+    return load_yaml(config_file) if config_file and Path(config_file).is_file() else {}
+
+
+def _dataset_name(args: argparse.Namespace) -> str | None:
+    """--dataset, else `imagefolder` when --data-dir names your own folder and nothing else names a dataset
+    (never silently the digits demo); None: the config file's or the default (the digits demo)."""
+    if args.dataset is not None or getattr(args, "data_dir", None) is None:
+        return args.dataset
+    if any(o.startswith("data.dataset=") for o in args.overrides):
+        return None
+    if "dataset" in _config_file_values(args).get("data", {}):
+        return None
+    return "imagefolder"
 
 
 def _validate(config) -> None:
@@ -284,6 +351,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         return _suite(args)
     if args.command == "evaluate":
         return _evaluate(args)
+    if args.command == "export":
+        return _export(args)
+    if args.command == "predict":
+        return _predict(args)
     if args.command == "algorithms":
         from zeroshot_adapt.algorithms import ALGORITHMS
 
@@ -296,7 +367,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(f"{method:18s} {METHODS.get(method).description}")
         return 0
 
-    config = pipeline.resolve_config(args.dataset, config_file=args.config, overrides=_overrides(args))
+    config = pipeline.resolve_config(_dataset_name(args), config_file=args.config, overrides=_overrides(args))
     _validate(config)
     name = config.data.dataset
     if args.command == "cache":
@@ -528,7 +599,32 @@ def _print_summary(report: dict, run_dir: str) -> None:
     if "student" in report:
         print(f"  adapted student top-1:    {pct(report['student'])}")
         print(f"  EMA (EMAN) teacher top-1: {pct(report['ema'])}")
+    _print_label_free(report)
+    for note in report.get("notes", []):
+        print(f"  note: {note}")
     print(f"  report: {Path(run_dir) / 'report.json'}")
+
+
+def _print_label_free(report: dict) -> None:
+    """The label-free diagnostics of the test set (reports.label_free), one line per model."""
+    def share(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    rows = [(name, report.get(key, {}).get("label_free")) for name, key in
+            (("CLIP zero-shot", "clip_zeroshot"), ("student", "student"), ("EMA teacher", "ema"))]
+    rows = [(name, entry) for name, entry in rows if entry]
+    if not rows:
+        return
+    print("  label-free (test set): agreement with CLIP / estimated top-1 (average confidence) / "
+          "imbalance / empty classes / normalised entropy")
+    for name, entry in rows:
+        estimate = entry["estimated_accuracy"]
+        truth = "" if estimate.get("true_top1") is None else f" (true top-1 {share(estimate['true_top1'])})"
+        ratio = entry["imbalance_ratio"]
+        entropy = entry["normalized_entropy"]
+        print(f"    {name:15s} {share(entry['agreement_with_clip'])} / {share(estimate['value'])}{truth} / "
+              f"{'inf' if ratio is None else f'{ratio:.2f}'} / {entry['num_empty_classes']} / "
+              f"{'n/a' if entropy is None else f'{entropy:.3f}'}")
 
 
 def _baseline(args: argparse.Namespace, config) -> int:
@@ -597,6 +693,30 @@ def _evaluate(args: argparse.Namespace) -> int:
     report = pipeline.robustness_report(args.run_dir, configs, out)
     print(report["table"])
     print(f"report: {out / 'robustness.json'}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from zeroshot_adapt.export import export_run
+
+    result = export_run(args.run_dir, args.out, weights=args.weights, force=args.force)
+    print(f"exported the run's {result.weights} ({result.architecture}) to {result.out_dir}: "
+          f"{', '.join(result.files)}; loaded back, max |logit difference| {result.max_logit_difference:.2g}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from zeroshot_adapt.predict import Predictor, summary_path, write_predictions_csv
+    from zeroshot_adapt.reports.metrics import write_json
+
+    predictor = Predictor.load(args.model, device=args.device)
+    result = predictor.predict_folder(args.data_dir, top_k=args.top_k, batch_size=args.batch_size,
+                                      num_workers=args.num_workers)
+    out = write_predictions_csv(result, args.out)
+    sidecar = write_json({"model": str(args.model), "data_dir": str(args.data_dir), **result.summary()},
+                         summary_path(out))
+    print(f"{len(result.keys)} image(s) predicted (top-{result.top_k}) -> {out}; {len(result.skipped)} skipped "
+          f"(listed in {sidecar})")
     return 0
 
 

@@ -22,6 +22,7 @@ import torch
 
 from zeroshot_adapt.cache import CacheDamagedError, CacheMiss, PredictionCache, build_cache
 from zeroshot_adapt.config import (
+    MAX_WARMUP_FRACTION,
     RunConfig,
     apply_mapping,
     apply_overrides,
@@ -32,6 +33,7 @@ from zeroshot_adapt.config import (
     save_yaml,
     to_dict,
     validate_config,
+    warmup_steps,
 )
 from zeroshot_adapt.data.base import SampleTable
 from zeroshot_adapt.data.registry import get_spec, load_split
@@ -44,6 +46,7 @@ from zeroshot_adapt.pseudo_labels import (
     selection_report,
     threshold_sweep,
 )
+from zeroshot_adapt.reports.label_free import label_free_diagnostics
 from zeroshot_adapt.reports.metrics import classification_report, write_json
 from zeroshot_adapt.teacher import predict
 from zeroshot_adapt.teacher.prompts import PromptSet, align_prompts, custom_prompts, load_prompts
@@ -116,7 +119,14 @@ def load_table(config: RunConfig, split: str) -> SampleTable:
         hf_id=data.hf_id,
         hf_revision=data.hf_revision,
         fingerprint=data.fingerprint,
+        unlabeled=reads_unlabeled(config),
     )
+
+
+def reads_unlabeled(config: RunConfig) -> bool:
+    """Your own folder with your own class list (`--data-dir DIR --classes FILE`): every image is unlabeled
+    and subfolders are organisation, not classes."""
+    return config.data.dataset == "imagefolder" and config.teacher.classes is not None
 
 
 GENERIC_TEMPLATE = "a photo of a {}."
@@ -126,8 +136,14 @@ def prompts_for(config: RunConfig, table: SampleTable) -> PromptSet:
     """The --prompts file, else the dataset's own, else (generic image folders) its folder names with
     CLIP's generic template. A prompt file's classes are matched to the dataset's BY NAME (another order
     is re-mapped to the dataset's label order; names that do not match are refused, listing both sides),
-    so CLIP's label i always means the dataset's class i."""
+    so CLIP's label i always means the dataset's class i.
+
+    --classes FILE / --templates FILE (teacher.classes / teacher.templates) build the prompt set instead:
+    those classes (else the dataset's own) with those templates (else CLIP's ImageNet templates from
+    open_clip); a labeled dataset's classes must still match them by name."""
     spec = get_spec(config.data.dataset)
+    if config.teacher.classes is not None or config.teacher.templates is not None:
+        return _own_prompts(config, table, spec)
     name = config.teacher.prompts or spec.prompts
     if name is None:
         if not table.class_names:
@@ -142,6 +158,33 @@ def prompts_for(config: RunConfig, table: SampleTable) -> PromptSet:
     space = spec.class_space()
     folder_names = space.folder_names if space is not None and tuple(space.names) == tuple(table.class_names) else None
     return align_prompts(prompts, list(table.class_names), folder_names, dataset=config.data.dataset)
+
+
+def _own_prompts(config: RunConfig, table: SampleTable, spec) -> PromptSet:
+    from zeroshot_adapt.teacher.prompts import default_templates, read_classes_file, read_templates_file
+
+    teacher = config.teacher
+    if teacher.prompts is not None:
+        raise UserError(f"--prompts {teacher.prompts!r} and --classes / --templates both give the prompts: "
+                        "pass one or the other")
+    if teacher.classes is not None:
+        classes = read_classes_file(teacher.classes)
+    elif spec.prompts is not None:
+        classes = load_prompts(spec.prompts).classes
+    elif table.class_names:
+        classes = tuple(c.replace("_", " ") for c in table.class_names)
+    else:
+        raise UserError(f"dataset {config.data.dataset!r} has no class names: pass --classes FILE")
+    if teacher.templates is not None:
+        templates, where = read_templates_file(teacher.templates), f"templates of {teacher.templates}"
+    else:
+        templates, where = default_templates(), "CLIP's ImageNet templates (open_clip)"
+    provenance = f"classes of {teacher.classes or 'the dataset'}, {where}"
+    prompts = replace(custom_prompts(classes, templates, provenance=provenance),
+                      source=teacher.classes or teacher.templates or "")
+    if not table.class_names:
+        return prompts
+    return align_prompts(prompts, list(table.class_names), dataset=config.data.dataset)
 
 
 # ----------------------------------------------------------------------------- teacher cache
@@ -621,7 +664,8 @@ class TrainingData:
     clip_confidence: np.ndarray | None
     num_classes: int
     class_names: list[str]
-    clip_test: dict[str, Any] | None  # CLIP zero-shot on the test split
+    clip_test: dict[str, Any] | None  # CLIP zero-shot on the test split (label-based entries None without labels)
+    clip_test_prediction: np.ndarray | None = None  # [len(test)] CLIP's test predictions, for label-free agreement
     text_classifier: np.ndarray | None = None  # [C, D] the cache's zero-shot classifier (a CLIP student's head)
     logit_scale: float | None = None  # the cache's logit scale
 
@@ -688,14 +732,17 @@ def prepare_training_data(config: RunConfig) -> TrainingData:
             f"CLIP fill (algorithm.clip_fill_threshold={config.algorithm.clip_fill_threshold:g}) needs CLIP's "
             "predictions, and this run has none: use `zsa ssl --clip-fill THRESHOLD` (it sets ssl.use_clip=true)"
         )
-    clip_test = None
+    clip_test = clip_test_prediction = None
     test = None
     try:
         if use_clip:
             test_preds = teacher_predictions(config, "test")
             test = test_preds.table
-            if test.has_labels:
-                clip_test = test_preds.zeroshot_report()
+            clip_test = test_preds.zeroshot_report()
+            clip_test_prediction = test_preds.prediction
+            clip_test["label_free"] = label_free_diagnostics(
+                clip_test_prediction[test_preds.valid], test_preds.confidence[test_preds.valid], classes,
+                true_accuracy=clip_test["top1"])
         else:
             test = load_table(config, "test")
     except UserError as error:
@@ -713,6 +760,7 @@ def prepare_training_data(config: RunConfig) -> TrainingData:
         clip_test=clip_test,
         text_classifier=preds.text_classifier if use_clip and clip_head else None,
         logit_scale=preds.logit_scale if use_clip and clip_head else None,
+        clip_test_prediction=clip_test_prediction,
     )
 
 
@@ -720,12 +768,21 @@ def _steps(config: RunConfig, num_unlabeled: int) -> tuple[int, int, int]:
     optim = config.optim
     per_epoch = optim.steps_per_epoch or max(1, num_unlabeled // (optim.batch_size * optim.mu))
     total = per_epoch * optim.epochs
-    return per_epoch, total, int(round(optim.warmup_epochs * per_epoch))
+    warmup, capped = warmup_steps(optim.warmup_epochs, per_epoch, total)
+    if capped:
+        log.info("warm-up of %g epochs (%d steps) would take most of this %d-step run: capped at %d steps "
+                 "(%g of the run, config.MAX_WARMUP_FRACTION)", optim.warmup_epochs,
+                 int(round(optim.warmup_epochs * per_epoch)), total, warmup, MAX_WARMUP_FRACTION)
+    return per_epoch, total, warmup
 
 
-def make_evaluator(table: SampleTable, transform, *, accelerator, batch_size: int, num_workers: int, class_names):
+def make_evaluator(table: SampleTable, transform, *, accelerator, batch_size: int, num_workers: int, class_names,
+                   clip_prediction: np.ndarray | None = None):
     """model -> classification_report (top-1, top-5, mean per-class recall, confusion, ...) on `table`,
-    sharded across processes.
+    sharded across processes, plus its ``label_free`` diagnostics (reports.label_free: agreement with
+    ``clip_prediction`` [len(table)], the predicted-class distribution, mean confidence and the Average-
+    Confidence accuracy estimate, next to the true top-1 where labels exist). An unlabeled `table` gets
+    the label-free entries only (every label-based one is None).
 
     Corrupt test images are skipped and counted, never scored (a black placeholder would be a wrong
     prediction): the report's ``num_corrupt_skipped`` says how many, and they are logged once."""
@@ -736,7 +793,7 @@ def make_evaluator(table: SampleTable, transform, *, accelerator, batch_size: in
 
     rank, world = accelerator.process_index, accelerator.num_processes
     indices = np.arange(len(table))[rank::world]
-    labels = np.asarray(table.labels)
+    labels = np.asarray(table.labels) if table.has_labels else None
     warned: list[bool] = []
 
     @torch.no_grad()
@@ -769,8 +826,14 @@ def make_evaluator(table: SampleTable, transform, *, accelerator, batch_size: in
                         table.split, shown)
         if not len(order):
             raise UserError(f"every one of the {len(table)} test images of {table.dataset}/{table.split} is corrupt")
-        report = classification_report(all_logits, all_logits.argmax(1), labels[order], class_names)
+        report = classification_report(all_logits, all_logits.argmax(1), None if labels is None else labels[order],
+                                       class_names)
         report["num_corrupt_skipped"] = int(len(skipped))
+        probabilities = torch.from_numpy(all_logits).softmax(dim=1).numpy()
+        report["label_free"] = label_free_diagnostics(
+            probabilities.argmax(1), probabilities.max(1), class_names,
+            reference=None if clip_prediction is None else np.asarray(clip_prediction)[order],
+            true_accuracy=report["top1"])
         return report
 
     return evaluate
@@ -818,7 +881,10 @@ def _adapt(config: RunConfig, *, stop_after_steps: int | None, data: TrainingDat
     check_launch()
     accelerator = Accelerator(mixed_precision=config.optim.mixed_precision, log_with=config.log_with,
                               project_dir=str(run_dir), cpu=use_cpu())
-    data = prepare_training_data(config) if data is None else data
+    if data is None:
+        data = prepare_training_data(config)
+        if not config.ssl.enabled and len(data.labeled_indices) == 0:  # T-ZSL: nothing to learn from
+            raise UserError(empty_labeled_set_message(config, data))
     if accelerator.is_main_process:  # only now: a refused dataset, labels file, ... leaves no run behind
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(config, run_dir / "config.yaml")
@@ -853,11 +919,12 @@ def _adapt(config: RunConfig, *, stop_after_steps: int | None, data: TrainingDat
         ema_momentum=config.student.ema_momentum, checkpoint_every_steps=config.checkpoint_every_steps,
         eval_every_epochs=config.eval_every_epochs, num_workers=config.data.num_workers, seed=config.seed,
     )
+    warn_large_student_on_cpu(config, student, accelerator.device, total)
     evaluate = None
-    if data.test is not None and data.test.has_labels:
+    if data.test is not None:  # unlabeled: label-free diagnostics only
         evaluate = make_evaluator(data.test, transforms.eval, accelerator=accelerator,
                                   batch_size=config.optim.batch_size * 2, num_workers=config.data.num_workers,
-                                  class_names=data.class_names)
+                                  class_names=data.class_names, clip_prediction=data.clip_test_prediction)
     result = train(
         accelerator=accelerator, student=student, ema=ema, algorithm=algorithm,
         labeled=labeled if len(labeled) else None, unlabeled=unlabeled, settings=settings,
@@ -876,27 +943,37 @@ def _adapt(config: RunConfig, *, stop_after_steps: int | None, data: TrainingDat
                         "teacher_method": config.transduct.method},
         "unlabeled_set": {"size": int(len(data.unlabeled_indices))},
         "method": method_summary(config),
+        "provenance": provenance_summary(config, data),
     }
     if result.history:
         report["corrupt_training_images_skipped"] = result.history[-1].get("corrupt_images_skipped", 0)
     if data.clip_test is not None:
-        report["clip_zeroshot"] = {k: data.clip_test[k] for k in ("top1", "mean_per_class_recall")}
+        report["clip_zeroshot"] = {k: data.clip_test[k] for k in ("top1", "mean_per_class_recall", "label_free")
+                                   if k in data.clip_test}
     final = result.final_evaluation  # the loop's last-epoch evaluation: no second pass over the test set
     if result.completed and evaluate is not None and not final:  # re-evaluation of a finished run
         final = {"student": evaluate(accelerator.unwrap_model(student)), "ema": evaluate(ema)}
     if result.completed:
         for prefix, full in final.items():
-            report[prefix] = {k: full[k] for k in ("top1", "mean_per_class_recall", "top5") if k in full}
+            report[prefix] = {k: full[k] for k in ("top1", "mean_per_class_recall", "top5", "label_free")
+                              if k in full}
             report[prefix]["confusion"] = full["confusion"]
-            if accelerator.is_main_process:
+            if accelerator.is_main_process and full["confusion"] is not None:
                 plot_confusion(np.asarray(full["confusion"]), data.class_names, run_dir / f"confusion_{prefix}.png")
         if "student" in final:
-            report["test_set"] = {"size": len(data.test), "corrupt_skipped": final["student"]["num_corrupt_skipped"]}
+            report["test_set"] = {"size": len(data.test), "corrupt_skipped": final["student"]["num_corrupt_skipped"],
+                                  "has_labels": data.test.has_labels}
+    notes = ground_truth_notes(data)
+    if notes:
+        report["notes"] = notes
+        if result.completed:
+            for note in notes:
+                log.info("note: %s", note)
     if accelerator.is_main_process:
         if result.history:
             plot_pseudo_label_distribution(
                 [(r["epoch"], r["pseudo_label_counts"]) for r in result.history],
-                run_dir / "pseudo_label_distribution.png",
+                run_dir / "pseudo_label_distribution.png", class_names=data.class_names,
             )
         atomic_torch_save(accelerator.unwrap_model(student).state_dict(), run_dir / "student.pt")
         write_json(report, run_dir / "report.json")  # last: a completed report.json means every output is there
@@ -938,6 +1015,49 @@ def _clip_student(config: RunConfig, data: TrainingData):
     return student
 
 
+def ground_truth_notes(data: TrainingData) -> list[str]:
+    """What the report leaves out for want of labels (never faked), one sentence each."""
+    if data.test is None:
+        return ["no test split: nothing is scored (neither accuracy nor the label-free diagnostics)"]
+    if data.test.has_labels:
+        return []
+    return [f"the {len(data.test)} test images have no labels: top-1, top-5, mean per-class recall and the "
+            "confusion matrix are not computed; see label_free (agreement with CLIP, predicted-class "
+            "distribution, mean confidence and the Average-Confidence accuracy estimate, which assumes a "
+            "calibrated model and usually overestimates a self-trained student)"]
+
+
+def empty_labeled_set_message(config: RunConfig, data: TrainingData) -> str:
+    """Why a T-ZSL run has no labeled image, with CLIP's confidence histogram and what to pass instead."""
+    from zeroshot_adapt.pseudo_labels import confidence_histogram_text, suggest_tau_clip
+
+    confidence = np.asarray(data.clip_confidence if data.clip_confidence is not None else [], dtype=np.float64)
+    lines = [f"the labeled set is empty: no CLIP prediction on the {len(confidence)} training images has "
+             f"confidence >= tau_clip={config.pseudo.tau_clip:g} ({config.transduct.method} teacher), so there "
+             "is nothing to train on. CLIP's confidences:", confidence_histogram_text(confidence)]
+    tau = suggest_tau_clip(confidence)
+    per_class = max(1, len(confidence) // (10 * max(1, data.num_classes)))
+    options = [f"--select topk --per-class {per_class} (the most confident images of each predicted class)"]
+    if tau is not None:
+        options.insert(0, f"--tau-clip {tau:g} (keeps {int((confidence >= tau).sum())} images)")
+    return "\n".join(lines) + "\ntry " + " or ".join(options)
+
+
+def warn_large_student_on_cpu(config: RunConfig, student: torch.nn.Module, device: torch.device,
+                              total_steps: int) -> None:
+    """On CPU, a large student (ResNet-50 ...) is slow: say so up front with a measured estimate."""
+    from zeroshot_adapt.models.cost import LARGE_STUDENT_PARAMS, large_student_message, measure_seconds_per_image
+
+    num_params = sum(p.numel() for p in student.parameters())
+    if torch.device(device).type != "cpu" or num_params < LARGE_STUDENT_PARAMS:
+        return
+    views = 2 if config.algorithm.multiview else 1
+    images_per_step = config.optim.batch_size * (1 + config.optim.mu * (1 + views))  # labeled + weak/strong views
+    seconds = measure_seconds_per_image(student, _student_image_size(config))
+    log.warning("%s", large_student_message(config.student.arch, num_params, "cpu", seconds, images_per_step,
+                                            total_steps))
+
+
 def build_algorithm(config: RunConfig, num_classes: int, all_reduce_mean=None):
     """The registered algorithm of `config`, told the loop's gradient accumulation (so the class prior moves
     once per optimizer step, not once per micro-batch)."""
@@ -964,6 +1084,28 @@ def method_summary(config: RunConfig) -> dict[str, Any]:
         "views": f"{config.data.augment} {_student_image_size(config)} px",
     }
 
+
+def provenance_summary(config: RunConfig, data: TrainingData) -> dict[str, Any]:
+    """Where a run's student comes from (report.json "provenance", read by `zsa export`'s model card): the
+    CLIP teacher and its prompts (None without CLIP: SSL on human labels only), the student's output classes
+    in order, and each split's dataset, size and fingerprint (every sample's key and content id)."""
+    teacher = None
+    if not config.ssl.enabled or config.ssl.use_clip:
+        prompts = prompts_for(config, data.train)
+        teacher = {
+            "model": config.teacher.model,
+            "pretrained": config.teacher.pretrained,
+            "prompts": {"source": prompts.source, "provenance": prompts.provenance,
+                        "num_templates": len(prompts.templates), "per_class_prompts": prompts.class_prompts is not None,
+                        "digest": prompts.digest()},
+        }
+
+    def split(table: SampleTable | None) -> dict[str, Any] | None:
+        return None if table is None else {"dataset": table.dataset, "split": table.split, "size": len(table),
+                                           "fingerprint": table.fingerprint}
+
+    return {"teacher": teacher, "class_names": list(data.class_names), "train": split(data.train),
+            "test": split(data.test)}
 
 
 def training_views(config: RunConfig, data: TrainingData, transforms, num_views: int, device: torch.device):
@@ -1066,7 +1208,7 @@ def model_classes(config: RunConfig) -> PromptSet:
     """The classes a run's student outputs, in output order: the run's prompt file (its --prompts or the
     dataset's own), else its training split's class names (generic image folders)."""
     name = config.teacher.prompts or get_spec(config.data.dataset).prompts
-    if name is not None:
+    if name is not None and config.teacher.classes is None and config.teacher.templates is None:
         return load_prompts(name)
     return prompts_for(config, load_table(config, "train"))
 

@@ -378,3 +378,37 @@ def threshold_sweep(
             entry["ranked_class_names"] = [names[c] for c in order]
         sweep.append(entry)
     return sweep
+
+
+HISTOGRAM_BINS = 10  # confidence bins of width 0.1 in the empty-labeled-set message
+SUGGESTED_KEEP_FRACTION = 0.1  # the suggested tau_clip keeps at least this share of the images
+
+
+def confidence_histogram(confidence: np.ndarray, bins: int = HISTOGRAM_BINS) -> np.ndarray:
+    """int64 [bins]: how many confidences fall in each of `bins` equal bins of [0, 1] (1.0 in the last)."""
+    values = np.clip(np.asarray(confidence, dtype=np.float64), 0.0, 1.0)
+    return np.histogram(values, bins=bins, range=(0.0, 1.0))[0].astype(np.int64)
+
+
+def confidence_histogram_text(confidence: np.ndarray, bins: int = HISTOGRAM_BINS, width: int = 40) -> str:
+    """The histogram as text lines, `  [0.90, 1.00]   12 ###`, for an error message."""
+    counts = confidence_histogram(confidence, bins)
+    top = max(1, int(counts.max()) if len(counts) else 1)
+    lines = []
+    for i, count in enumerate(counts):
+        low, high = i / bins, (i + 1) / bins
+        bracket = "]" if i == bins - 1 else ")"
+        bar = "#" * int(round(width * count / top))
+        lines.append(f"  [{low:.2f}, {high:.2f}{bracket} {int(count):6d} {bar}".rstrip())
+    return "\n".join(lines)
+
+
+def suggest_tau_clip(confidence: np.ndarray, keep_fraction: float = SUGGESTED_KEEP_FRACTION) -> float | None:
+    """A tau_clip (rounded down to 0.01) that keeps at least ``ceil(keep_fraction * N)`` images (>= 1);
+    None when there are no images or it would be 0 (tau_clip must be > 0)."""
+    values = np.sort(np.asarray(confidence, dtype=np.float64))[::-1]
+    if len(values) == 0:
+        return None
+    keep = max(1, int(np.ceil(keep_fraction * len(values))))
+    tau = np.floor(values[keep - 1] * 100) / 100
+    return float(tau) if tau > 0 else None

@@ -317,11 +317,14 @@ def _scored_counts(report: dict[str, Any]) -> list[int] | None:
 def run_zeroshot(context: CellContext) -> CellResult:
     """CLIP zero-shot on the dataset's test split, from the shared cache (built on first use)."""
     from zeroshot_adapt import pipeline
+    from zeroshot_adapt.reports.label_free import label_free_diagnostics
 
     preds = pipeline.teacher_predictions(context.config, "test")
     report = preds.zeroshot_report()
+    valid = preds.valid  # CLIP is the reference: its agreement with itself is left undefined
+    diagnostics = label_free_diagnostics(preds.prediction[valid], preds.confidence[valid], list(preds.prompts.classes))
     return CellResult(
-        metrics=rec.metrics_from_report(report),
+        metrics=rec.metrics_from_report(report) | rec.label_free_metrics(diagnostics),
         prediction_counts=list(report["prediction_counts"]),
         extra={"num_corrupt_skipped": int((~preds.valid).sum()), "logit_scale": preds.logit_scale},
     )
@@ -341,7 +344,8 @@ def run_training(context: CellContext) -> CellResult:
     if "student" not in report:
         raise UserError(f"dataset {context.cell.entry.name!r} has no labeled test split: the student cannot be scored")
     return CellResult(
-        metrics=rec.metrics_from_report(report["student"]) | rec.metrics_from_report(report["ema"], rec.EMA_PREFIX),
+        metrics=(rec.metrics_from_report(report["student"]) | rec.metrics_from_report(report["ema"], rec.EMA_PREFIX)
+                 | rec.label_free_metrics(report["student"].get("label_free"))),
         prediction_counts=_scored_counts(report["student"]),
         student=config.student.arch,
         tau_clip=config.pseudo.tau_clip,
@@ -749,16 +753,37 @@ def write_results(cells: Sequence[Cell], entries: Sequence[DatasetEntry], method
         f"{len(rows) - pending - len(failures)} of {len(rows)} cells finished, {len(failures)} failed, "
         f"{pending} pending. Teacher: {', '.join(teachers) or 'n/a'}.",
         "",
-        rec.markdown_table(rows, names, methods, "acc1"),
-        "Mean per-class recall (%):",
-        "",
-        rec.markdown_table(rows, names, methods, "mean_per_class_recall"),
     ]
+    unlabeled = _unlabeled_datasets(rows, names)
+    labeled = [name for name in names if name not in unlabeled]
+    if labeled or not unlabeled:
+        text += [rec.markdown_table(rows, labeled, methods, "acc1"), "Mean per-class recall (%):", "",
+                 rec.markdown_table(rows, labeled, methods, "mean_per_class_recall")]
+    if unlabeled:
+        text += ["Datasets without labels (no accuracy can be computed; label-free columns instead, "
+                 "reports/label_free.py). Estimated top-1 (%): Average Confidence (Hendrycks & Gimpel 2017), "
+                 "which assumes a calibrated model and usually overestimates a self-trained student:", "",
+                 rec.markdown_table(rows, unlabeled, methods, "estimated_acc1"),
+                 "Agreement with CLIP's predictions (%; CLIP itself: —):", "",
+                 rec.markdown_table(rows, unlabeled, methods, "clip_agreement"),
+                 "Normalised entropy of the predicted classes (%; 100 = uniform):", "",
+                 rec.markdown_table(rows, unlabeled, methods, "prediction_entropy")]
     if failures:
         text += ["Failed cells (full errors and tracebacks in errors/):", "", *failures, ""]
     atomic_write_text(out / RESULTS_MD, "\n".join(text))
     _write_plots(rows, cells, names, methods, out, plot_accuracy_bars, plot_prediction_counts_by_method)
     return rows
+
+
+def _unlabeled_datasets(rows: Sequence[rec.ResultRow], names: Sequence[str]) -> list[str]:
+    """Datasets whose finished cells have label-free metrics but no accuracy (their test split has no labels)."""
+    unlabeled = []
+    for name in names:
+        done = [row for row in rows if row.dataset == name and row.status == rec.STATUS_OK]
+        if done and all(row.value("acc1") is None for row in done) and any(
+                row.value("estimated_acc1") is not None for row in done):
+            unlabeled.append(name)
+    return unlabeled
 
 
 def _teacher_of(out: Path, cell: Cell) -> str | None:

@@ -143,6 +143,18 @@ class LabeledViews(Dataset):
                 CORRUPT_SKIPPED: skipped}
 
 
+def aligned_clip_outputs(
+    n: int, clip_label: np.ndarray | None, clip_confidence: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(clip_label int64 [n], clip_confidence float32 [n]) for n unlabeled items: -1 / 0 where CLIP's outputs
+    are not given; ValueError if a given array does not have n entries."""
+    label = np.full(n, -1, np.int64) if clip_label is None else np.asarray(clip_label, np.int64)
+    confidence = np.zeros(n, np.float32) if clip_confidence is None else np.asarray(clip_confidence, np.float32)
+    if len(label) != n or len(confidence) != n:
+        raise ValueError("clip_label / clip_confidence must align with indices")
+    return label, confidence
+
+
 class UnlabeledViews(Dataset):
     """Weak and strong views of every unlabeled sample, with its cached CLIP label and confidence.
 
@@ -162,13 +174,7 @@ class UnlabeledViews(Dataset):
     ) -> None:
         self.table, self.weak, self.strong, self.num_views = table, weak, strong, num_views
         self.indices = np.asarray(indices, dtype=np.int64)
-        n = len(self.indices)
-        self.clip_label = np.full(n, -1, np.int64) if clip_label is None else np.asarray(clip_label, np.int64)
-        self.clip_confidence = (
-            np.zeros(n, np.float32) if clip_confidence is None else np.asarray(clip_confidence, np.float32)
-        )
-        if len(self.clip_label) != n or len(self.clip_confidence) != n:
-            raise ValueError("clip_label / clip_confidence must align with indices")
+        self.clip_label, self.clip_confidence = aligned_clip_outputs(len(self.indices), clip_label, clip_confidence)
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -44,6 +44,7 @@ from zeroshot_adapt.data.augment_ops import (
     sample_view,
 )
 from zeroshot_adapt.data.base import IndexedLoader, SampleTable
+from zeroshot_adapt.data.datasets import aligned_clip_outputs
 from zeroshot_adapt.data.sources import (
     ArrayImageLoader,
     CorruptImageError,
@@ -298,13 +299,7 @@ class EncodedUnlabeledViews(Dataset):
         self.read, self.recipe, self.num_views = EncodedReader(table), recipe, num_views
         self.labels = np.asarray(table.labels)
         self.indices = np.asarray(indices, dtype=np.int64)
-        n = len(self.indices)
-        self.clip_label = np.full(n, -1, np.int64) if clip_label is None else np.asarray(clip_label, np.int64)
-        self.clip_confidence = (
-            np.zeros(n, np.float32) if clip_confidence is None else np.asarray(clip_confidence, np.float32)
-        )
-        if len(self.clip_label) != n or len(self.clip_confidence) != n:
-            raise ValueError("clip_label / clip_confidence must align with indices")
+        self.clip_label, self.clip_confidence = aligned_clip_outputs(len(self.indices), clip_label, clip_confidence)
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -380,17 +380,21 @@ def open_source(
     hf_id: str | None = None,
     hf_revision: str | None = None,
     fingerprint: str = "stat",
+    unlabeled: bool = False,
 ) -> Source:
     """The Source that `data_dir` (or the hub, or the bundled digits) describes, making content ids by
-    `fingerprint` ("stat" or "content", see `sources`).
+    `fingerprint` ("stat" or "content", see `sources`). unlabeled: an image folder is read as one
+    unlabeled pool, its subfolders being organisation, not classes (`ImageFolderSource`).
 
     hf_id / hf_revision: read another hub repository (or a branch / tag / commit of it, such as the
     parquet export ``refs/convert/parquet``) instead of the spec's; only without `data_dir`."""
-    return _open_source(spec, data_dir, classes, hf_id=hf_id, hf_revision=hf_revision).with_fingerprint(fingerprint)
+    return _open_source(spec, data_dir, classes, hf_id=hf_id, hf_revision=hf_revision,
+                        unlabeled=unlabeled).with_fingerprint(fingerprint)
 
 
 def _open_source(
-    spec: DatasetSpec, data_dir: str | None, classes: ClassSpace | None, *, hf_id: str | None, hf_revision: str | None
+    spec: DatasetSpec, data_dir: str | None, classes: ClassSpace | None, *, hf_id: str | None, hf_revision: str | None,
+    unlabeled: bool = False,
 ) -> Source:
     if spec.name == "digits":
         if data_dir is not None:
@@ -420,7 +424,7 @@ def _open_source(
     if is_idx_folder(path):
         return IdxSource(path, classes)
     if is_image_folder(path):
-        return ImageFolderSource(path, classes)
+        return ImageFolderSource(path, classes, unlabeled=unlabeled)
     raise UserError(
         f"data_dir {data_dir!r} holds no images: expected an image folder (root/<class>/<image> or "
         "root/<split>/<class>/<image>), a save_to_disk directory, or MNIST IDX files"
@@ -438,6 +442,7 @@ def load_split(
     hf_id: str | None = None,
     hf_revision: str | None = None,
     fingerprint: str = "stat",
+    unlabeled: bool = False,
 ) -> SampleTable:
     """Load the "train" or "test" split of a registered dataset as a SampleTable.
 
@@ -449,6 +454,7 @@ def load_split(
     hf_id / hf_revision: another hub repository / revision than the spec's (see `open_source`).
     fingerprint: how per-sample content ids (and so the split's fingerprint) are made: "stat" (size,
         modification time and inode of each file) or "content" (sha256 of each file's bytes); see `sources`.
+    unlabeled: read an image folder as one unlabeled pool (see `open_source`).
     """
     spec = get_spec(dataset)
     if split not in SPLITS and source_split is None:
@@ -458,7 +464,8 @@ def load_split(
     classes = spec.class_space()
     if classes is not None and spec.num_classes is not None and len(classes) != spec.num_classes:
         raise UserError(f"{classes.source} lists {len(classes)} classes; dataset {spec.name!r} has {spec.num_classes}")
-    source = open_source(spec, data_dir, classes, hf_id=hf_id, hf_revision=hf_revision, fingerprint=fingerprint)
+    source = open_source(spec, data_dir, classes, hf_id=hf_id, hf_revision=hf_revision, fingerprint=fingerprint,
+                         unlabeled=unlabeled)
     names = source.split_names()
 
     if source_split is not None:

@@ -585,13 +585,17 @@ class ImageFolderSource(Source):
     folder (or the root) with no class folders at all are unlabeled (label -1).
 
     Class folders map to the dataset's classes through `ClassSpace` (prompt-file `folder_names`, class
-    names, or numeric ids); without a ClassSpace the sorted folder names are the classes."""
+    names, or numeric ids); without a ClassSpace the sorted folder names are the classes.
 
-    def __init__(self, root: Path, classes: ClassSpace | None) -> None:
+    unlabeled: every image anywhere under `root` is one unlabeled split ("all"; label -1, no class names):
+    subfolders are organisation, not classes (`--classes FILE` names the classes instead)."""
+
+    def __init__(self, root: Path, classes: ClassSpace | None, *, unlabeled: bool = False) -> None:
         self.root = root
         self.classes = classes
-        self.description = f"image folder {str(root)!r}"
-        top = _subdirs(root)
+        self.unlabeled = unlabeled
+        self.description = f"image folder {str(root)!r}" + (" (unlabeled)" if unlabeled else "")
+        top = [] if unlabeled else _subdirs(root)
         self._split_layout = bool(top) and all(name.casefold() in TRAIN_SPLIT_NAMES + TEST_SPLIT_NAMES for name in top)
         self._top = top
         # Without a class list the classes are the sorted union of class folders over all splits, so that
@@ -614,6 +618,8 @@ class ImageFolderSource(Source):
         return walker
 
     def read(self, split: str) -> SourceSplit:
+        if self.unlabeled:
+            return self._read_unlabeled()
         base = self.root / split if self._split_layout else self.root
         class_dirs = _subdirs(base)
         walker = self._walker()
@@ -639,13 +645,27 @@ class ImageFolderSource(Source):
             id_of = dict(zip(class_dirs, ids, strict=True))
         else:
             if not self._folder_classes:
-                raise UserError(f"{str(base)!r} has no class folders and the dataset has no class list")
+                raise UserError(f"{str(base)!r} has no class folders and the dataset has no class list: for "
+                                "unlabeled images pass --classes FILE (one class name per line)")
             class_names = self._folder_classes
             id_of = {name: i for i, name in enumerate(class_names)}
         labels = np.array([UNKNOWN_LABEL if raw is None else id_of[raw] for raw in raw_labels], dtype=np.int64)
         keys = [path.relative_to(self.root).as_posix() for path in files]
         content_ids = file_content_ids(files, self.fingerprint)
         return SourceSplit(keys, content_ids, labels, tuple(class_names), FileImageLoader([str(p) for p in files]))
+
+
+    def _read_unlabeled(self) -> SourceSplit:
+        walker = FolderWalker()
+        walker.mark(self.root)
+        files = sorted(walker.images(self.root), key=lambda path: path.relative_to(self.root).as_posix())
+        walker.report.warn(self.description)
+        if not files:
+            raise UserError(f"{self.description}: no image files found anywhere under {str(self.root)!r}")
+        keys = [path.relative_to(self.root).as_posix() for path in files]
+        labels = np.full(len(files), UNKNOWN_LABEL, dtype=np.int64)
+        content_ids = file_content_ids(files, self.fingerprint)
+        return SourceSplit(keys, content_ids, labels, (), FileImageLoader([str(p) for p in files]))
 
 
 # ---------------------------------------------------------------------------------------- MNIST IDX

@@ -20,11 +20,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch.nn.functional as F
-from timm.models import register_model
+from timm.models import load_pretrained, register_model, resolve_pretrained_cfg
 from timm.models._registry import generate_default_cfgs
 from torch import Tensor, nn
 
 from zeroshot_adapt.errors import UserError
+from zeroshot_adapt.models.registration import has_weight_source
 
 BN_MOMENTUM = 0.001  # PyTorch convention; equals TensorFlow's decay 0.999 used by FixMatch
 LEAKY_RELU_SLOPE = 0.1
@@ -185,22 +186,25 @@ _TIMM_PASSTHROUGH = ("pretrained_cfg_overlay", "cache_dir", "drop_path_rate")
 
 
 def _create(name: str, widen_factor: int, default_classes: int, pretrained: bool, **kwargs: Any) -> WideResNet:
-    if pretrained:
+    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
+    if pretrained and not has_weight_source(pretrained_cfg):
         raise UserError(
             f"there are no pretrained weights for {name}; use pretrained=False (train from scratch) "
             "or load your own checkpoint"
         )
-    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    kwargs.pop("pretrained_model_args", None)  # a config.json's model_args, already merged into kwargs by timm
     for key in _TIMM_PASSTHROUGH:
         value = kwargs.pop(key, None)
         if key == "drop_path_rate" and value:
             raise UserError(f"{name} has no stochastic depth; drop_path_rate must be 0, got {value}")
     num_classes = kwargs.pop("num_classes", default_classes)
     model = WideResNet(depth=28, widen_factor=widen_factor, num_classes=num_classes, **kwargs)
-    cfg = default_cfgs[name].cfgs[""]
-    resolved = pretrained_cfg if hasattr(pretrained_cfg, "to_dict") else cfg
+    resolved = resolve_pretrained_cfg(name, pretrained_cfg=pretrained_cfg if pretrained_cfg else None)
     model.pretrained_cfg = model.default_cfg = {**resolved.to_dict(), "num_classes": model.num_classes}
+    if pretrained:  # a `zsa export` folder (local-dir: / hf-hub:): its weights, strictly
+        load_pretrained(model, pretrained_cfg=model.pretrained_cfg, num_classes=model.num_classes,
+                        in_chans=kwargs.get("in_chans", 3))
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     return model

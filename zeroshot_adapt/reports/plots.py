@@ -76,6 +76,10 @@ def _bars(ax: Any, values: np.ndarray, **style: Any) -> None:
         ax.bar(positions, values, width=0.85, **style)
 
 
+NO_COUNTS_TEXT = "no data to plot: every class count is 0"
+NO_PSEUDO_LABELS_TEXT = "no data to plot: no pseudo-label passed\nthe confidence threshold in any epoch"
+
+
 def plot_predictions_per_class(
     counts: Any,
     class_names: Sequence[str] | None,
@@ -109,6 +113,8 @@ def plot_predictions_per_class(
         ax.set_xlabel(f"class rank by count ({len(values)} classes)")
     ax.set_xlim(-0.6, len(values) - 0.4)
     empty = int((values == 0).sum())
+    if values.sum() == 0:
+        ax.text(0.5, 0.5, NO_COUNTS_TEXT, transform=ax.transAxes, ha="center", va="center", fontsize=11)
     ax.set_ylabel("count")
     ax.set_title(f"{title}  (empty classes: {empty})" if empty else title)
     ax.legend(loc="upper right")
@@ -196,6 +202,10 @@ def plot_pseudo_label_distribution(
     else:
         right.set_xlabel("class rank by last epoch's count")
     right.set_title("per-class share")
+    if counts.sum() == 0:
+        for ax in (left, right):
+            ax.text(0.5, 0.5, NO_PSEUDO_LABELS_TEXT, transform=ax.transAxes, ha="center", va="center", fontsize=10,
+                    color="black", backgroundcolor="white")
     figure.suptitle(title)
     return _save(figure, path)
 

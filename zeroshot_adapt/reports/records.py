@@ -40,6 +40,10 @@ METRIC_KEYS = ("acc1", "acc5", "mean_per_class_recall")
 REPORT_KEYS = {"top1": "acc1", "top5": "acc5", "mean_per_class_recall": "mean_per_class_recall"}
 REQUIRED_FIELDS = ("dataset", "model", "pretrained", "task", "metrics", "method", "seed")
 EMA_PREFIX = "ema_"
+# Label-free columns (reports.label_free), fractions like the others: the student's Average-Confidence
+# accuracy estimate, its agreement with CLIP's predictions and the normalised entropy of its predicted classes.
+# The table shows them instead of accuracy for a dataset without labels.
+LABEL_FREE_KEYS = ("estimated_acc1", "clip_agreement", "prediction_entropy")
 PERCENT = 100.0
 DECIMALS = 2  # the table's precision, in percent (CLIP_benchmark-style numbers: 59.82)
 
@@ -53,6 +57,14 @@ def metrics_from_report(report: Mapping[str, Any] | None, prefix: str = "") -> d
     mean_per_class_recall (fractions; None where undefined), each name prefixed with `prefix`."""
     report = report or {}
     return {f"{prefix}{ours}": report.get(theirs) for theirs, ours in REPORT_KEYS.items()}
+
+
+def label_free_metrics(diagnostics: Mapping[str, Any] | None) -> dict[str, float | None]:
+    """A `reports.label_free.label_free_diagnostics` dict as the LABEL_FREE_KEYS metrics (None where absent)."""
+    diagnostics = diagnostics or {}
+    return {"estimated_acc1": (diagnostics.get("estimated_accuracy") or {}).get("value"),
+            "clip_agreement": diagnostics.get("agreement_with_clip"),
+            "prediction_entropy": diagnostics.get("normalized_entropy")}
 
 
 def make_record(
@@ -145,7 +157,7 @@ class ResultRow:
 
 
 CSV_FIELDS = ("dataset", "method", "seed", "status", *METRIC_KEYS,
-              *(EMA_PREFIX + key for key in METRIC_KEYS), "seconds", "error", "record")
+              *(EMA_PREFIX + key for key in METRIC_KEYS), *LABEL_FREE_KEYS, "seconds", "error", "record")
 
 
 def results_csv(rows: Sequence[ResultRow]) -> str:
@@ -158,7 +170,7 @@ def results_csv(rows: Sequence[ResultRow]) -> str:
                                 "seconds": None if row.seconds is None else round(row.seconds, 1),
                                 "error": row.error, "record": row.record}
         for key in CSV_FIELDS:
-            if key in REPORT_KEYS.values() or key.startswith(EMA_PREFIX):
+            if key in REPORT_KEYS.values() or key.startswith(EMA_PREFIX) or key in LABEL_FREE_KEYS:
                 line[key] = row.value(key)
         writer.writerow({k: "" if v is None else v for k, v in line.items()})
     return buffer.getvalue()

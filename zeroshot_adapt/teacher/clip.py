@@ -59,6 +59,13 @@ def _register_packaged_models() -> None:
     register_tiny_clip()
 
 
+def bundled_models() -> tuple[str, ...]:
+    """Models whose weights ship inside this package (pretrained tag `bundled`, their default)."""
+    from zeroshot_adapt.demo.tiny_clip import TINY_CLIP_MODEL
+
+    return (TINY_CLIP_MODEL,)
+
+
 @dataclass(frozen=True)
 class WeightsSpec:
     """Resolved `pretrained` argument: what to pass open_clip, and what identifies the weights."""
@@ -95,6 +102,8 @@ def resolve_weights(model_name: str, pretrained: str | None) -> WeightsSpec:
             raise UserError(f"CLIP checkpoint {tag!r} does not exist")
         return WeightsSpec(model_name, tag, tag, f"sha256:{file_sha256(tag)}")
     known = open_clip.list_pretrained_tags_by_model(model_name)
+    if model_name in bundled_models():
+        known = [BUNDLED, *known]
     if tag not in known:
         raise UserError(
             f"unknown pretrained tag {tag!r} for {model_name}; valid: {', '.join(known) or '(none)'}"

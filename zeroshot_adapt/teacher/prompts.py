@@ -251,3 +251,54 @@ def _listing(names: Sequence[str], limit: int = 10) -> str:
     if not names:
         return "none"
     return ", ".join(map(repr, names[:limit])) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def default_templates() -> tuple[str, ...]:
+    """CLIP's 80 ImageNet prompt templates, imported from open_clip (never retyped), with `{}` slots."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(_as_template(t, "open_clip OPENAI_IMAGENET_TEMPLATES") for t in OPENAI_IMAGENET_TEMPLATES)
+
+
+def _read_lines(path: str, what: str) -> list[str]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"{what} file {path!r} does not exist" + (" (it is a folder)" if file.is_dir() else ""))
+    try:
+        text = file.read_text(encoding="utf-8-sig")  # tolerates a byte-order mark
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{what} file {path!r} cannot be read as UTF-8 text: {error}") from None
+    lines = [line.strip() for line in text.splitlines()]
+    while lines and not lines[-1]:  # trailing blank lines are harmless
+        lines.pop()
+    if not lines:
+        raise UserError(f"{what} file {path!r} is empty: write one entry per line")
+    blank = [number for number, line in enumerate(lines, 1) if not line]
+    if blank:
+        raise UserError(f"{what} file {path!r}: line(s) {', '.join(map(str, blank))} are empty; "
+                        "remove them (one entry per line)")
+    return lines
+
+
+def read_classes_file(path: str) -> tuple[str, ...]:
+    """Class names, one per line, in label order (a `--classes` file). An empty or missing file, empty
+    lines and repeated names (compared case- and space-insensitively) are UserErrors naming them."""
+    from zeroshot_adapt.data.sources import normalize_name
+
+    names = _read_lines(path, "classes")
+    seen: dict[str, int] = {}
+    repeated: list[str] = []
+    for number, name in enumerate(names, 1):
+        key = normalize_name(name)
+        if key in seen:
+            repeated.append(f"{name!r} (lines {seen[key]} and {number})")
+        else:
+            seen[key] = number
+    if repeated:
+        raise UserError(f"classes file {path!r} names a class twice: {', '.join(repeated)}; each class once")
+    return tuple(names)
+
+
+def read_templates_file(path: str) -> tuple[str, ...]:
+    """Prompt templates, one per line, each with a `{}` (or CLIP_benchmark's `{c}`) class slot."""
+    return tuple(_as_template(line, f"templates file {path!r}") for line in _read_lines(path, "templates"))
