@@ -174,6 +174,14 @@ def test_adapt_end_to_end_then_load_and_predict(cache_dir, tmp_path, algorithm, 
     logits, _ = predict_table(model, preds.table, np.arange(len(preds.table)), eval_view, device=torch.device("cpu"))
     top1 = float((logits.argmax(1) == np.asarray(preds.table.labels)).mean())
     assert top1 == pytest.approx(report["student"]["top1"], abs=1e-6)  # the loaded student is the evaluated one
+    if algorithm == "fixmatch":  # zsa export / load_exported (issue 11 parts 3-4) rebuild it from export_config
+        from zeroshot_adapt.export import export_run, load_exported
+
+        result = export_run(run_dir, tmp_path / "exported")
+        exported, info = load_exported(result.out_dir)
+        assert info.architecture == "clip" and result.preprocessing_difference < 1e-5
+        images = torch.stack([eval_view(preds.table.load_image(i)) for i in range(4)])
+        assert torch.allclose(exported(images), model(images), atol=1e-5)
     # it starts at CLIP's zero-shot accuracy (a random-init student would sit near 10%); 3 small steps stay near it
     assert abs(top1 - report["clip_zeroshot"]["top1"]) < 0.1
 
