@@ -19,7 +19,8 @@ and its effect as the paired difference to its base (same seed, same data, same 
 --students compares students instead (STUDENT_VARIANTS): the small CNN student and CLIP itself as the student
 (student.arch=clip: the tiny CLIP's image encoder with its zero-shot head, every weight trained, lr --clip-lr),
 each with FixMatch and DebiasPL, same step budget and seeds; the effect column is CLIP student minus CNN student
-(paired by seed). Every run also records the report's label-free diagnostics ("label_free") where it has them.
+(paired by seed). Every run also records the report's label-free diagnostics per model ("label_free": clip_zeroshot,
+student, ema) where the report has them, beside the true accuracy.
 
 Writes benchmarks/results/accuracy.json (every run's report plus the summary), accuracy.md (the table) and
 accuracy.png (--students: accuracy_students.*); --quick writes to benchmarks/out/ instead, so it never overwrites
@@ -156,8 +157,18 @@ def run_one(target: Target, variant: Variant, seed: int, extra: list[str], runs_
         "last_epoch_pseudo_label_imbalance": last["pseudo_label_imbalance"],
         "last_epoch_pseudo_label_classes_empty": last["pseudo_label_classes_empty"],
         "last_epoch_pseudo_label_counts": last["pseudo_label_counts"],
-        **({"label_free": report["label_free"]} if "label_free" in report else {}),
+        **({"label_free": label_free} if (label_free := _label_free(report)) else {}),
     }
+
+
+def _label_free(report: dict[str, Any]) -> dict[str, Any]:
+    """The report's label-free diagnostics (reports/label_free.py) per model, where it has them:
+    {"clip_zeroshot" | "student" | "ema": {...}} (and "run" for a top-level entry)."""
+    found = {key: report[key]["label_free"] for key in ("clip_zeroshot", "student", "ema")
+             if isinstance(report.get(key), dict) and isinstance(report[key].get("label_free"), dict)}
+    if isinstance(report.get("label_free"), dict):
+        found["run"] = report["label_free"]
+    return found
 
 
 def summarize(runs: list[dict[str, Any]], variants: list[Variant]) -> dict[str, Any]:
