@@ -197,3 +197,19 @@ def test_student_pretrained_file_must_be_a_clip_student_state_dict(cache_dir, tm
     torch.save({"conv1.weight": torch.zeros(3)}, saved)
     with pytest.raises(UserError, match="is not a state dict of this CLIP student"):
         create_clip_student(with_file, 10, preds.text_classifier, preds.logit_scale)
+
+
+def test_last_blocks_of_a_resnet_tower_is_its_last_stage_attnpool_and_batchnorms():
+    from zeroshot_adapt.models.clip_student import _build_visual, _model_config
+
+    spec = {"image_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
+    model = ClipStudent(_build_visual(_model_config("RN50-quickgelu")), num_classes=5, embed_dim=1024, spec=spec)
+    model.set_trainable("last-blocks", last_blocks=3)  # RN50's layer4 has 3 bottlenecks
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {n for n, _ in model.named_parameters()
+                if n.startswith(("visual.layer4.", "visual.attnpool.", "head.")) or ".bn" in n or "downsample.1" in n
+                or n.startswith("visual.bn")}
+    assert trainable == expected
+    assert "visual.layer3.5.conv1.weight" not in trainable and "visual.layer3.5.bn1.weight" in trainable
+    with pytest.raises(UserError, match=r"must lie in 1\.\.16"):
+        model.set_trainable("last-blocks", last_blocks=17)
