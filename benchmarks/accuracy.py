@@ -14,9 +14,17 @@ and its effect as the paired difference to its base (same seed, same data, same 
     python benchmarks/accuracy.py                      # 2 datasets x 10 variants x 3 seeds
     python benchmarks/accuracy.py --datasets digits    # the component study on digits only
     python benchmarks/accuracy.py --quick              # 1 seed, 20 steps, digits: a smoke test, NOT results
+    python benchmarks/accuracy.py --students           # CLIP as the student vs the small CNN, FixMatch / DebiasPL
+
+--students compares students instead (STUDENT_VARIANTS): the small CNN student and CLIP itself as the student
+(student.arch=clip: the tiny CLIP's image encoder with its zero-shot head, every weight trained, lr --clip-lr),
+each with FixMatch and DebiasPL, same step budget and seeds; the effect column is CLIP student minus CNN student
+(paired by seed). Every run also records the report's label-free diagnostics per model ("label_free": clip_zeroshot,
+student, ema) where the report has them, beside the true accuracy.
 
 Writes benchmarks/results/accuracy.json (every run's report plus the summary), accuracy.md (the table) and
-accuracy.png; --quick writes to benchmarks/out/ instead, so it never overwrites the real results.
+accuracy.png (--students: accuracy_students.*); --quick writes to benchmarks/out/ instead, so it never overwrites
+the real results.
 """
 
 from __future__ import annotations
@@ -74,6 +82,22 @@ def _variants() -> list[Variant]:
 
 VARIANTS: list[Variant] = _variants()
 """Other studies append rows here (e.g. a CLIP student: {"student.arch": ...}); `base` names the comparison."""
+
+CLIP_STUDENT_LR = 1e-3
+"""lr of the CLIP student in --students: fine-tuning a pretrained encoder; the demo's 0.03 (a CNN trained from
+scratch) wrecks the zero-shot start within a few steps (tests/test_clip_student.py)."""
+
+
+def student_variants(clip_lr: float = CLIP_STUDENT_LR) -> list[Variant]:
+    """--students: the demo CNN student and CLIP as the student, each with FixMatch and DebiasPL (fast recipe);
+    a CLIP row's base is the CNN row of the same algorithm."""
+    rows = []
+    for algorithm in ("fixmatch", "debiaspl"):
+        base = {"recipe": "fast", "algorithm.name": algorithm}
+        rows.append(Variant(f"cnn+{algorithm}", base))
+        rows.append(Variant(f"clip+{algorithm}", {**base, "student.arch": "clip", "optim.lr": clip_lr},
+                            base=f"cnn+{algorithm}", notes="CLIP's image encoder + zero-shot head, clip_train all"))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -133,7 +157,18 @@ def run_one(target: Target, variant: Variant, seed: int, extra: list[str], runs_
         "last_epoch_pseudo_label_imbalance": last["pseudo_label_imbalance"],
         "last_epoch_pseudo_label_classes_empty": last["pseudo_label_classes_empty"],
         "last_epoch_pseudo_label_counts": last["pseudo_label_counts"],
+        **({"label_free": label_free} if (label_free := _label_free(report)) else {}),
     }
+
+
+def _label_free(report: dict[str, Any]) -> dict[str, Any]:
+    """The report's label-free diagnostics (reports/label_free.py) per model, where it has them:
+    {"clip_zeroshot" | "student" | "ema": {...}} (and "run" for a top-level entry)."""
+    found = {key: report[key]["label_free"] for key in ("clip_zeroshot", "student", "ema")
+             if isinstance(report.get(key), dict) and isinstance(report[key].get("label_free"), dict)}
+    if isinstance(report.get("label_free"), dict):
+        found["run"] = report["label_free"]
+    return found
 
 
 def summarize(runs: list[dict[str, Any]], variants: list[Variant]) -> dict[str, Any]:
@@ -183,20 +218,32 @@ def markdown(summary: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=None, choices=DATASETS)
-    parser.add_argument("--variants", nargs="+", default=None, choices=[v.name for v in VARIANTS])
+    parser.add_argument("--variants", nargs="+", default=None,
+                        choices=[v.name for v in (*VARIANTS, *student_variants())])
+    parser.add_argument("--students", action="store_true",
+                        help="compare CLIP as the student with the small CNN student (FixMatch, DebiasPL)")
+    parser.add_argument("--clip-lr", type=float, default=CLIP_STUDENT_LR, help="--students: the CLIP student's lr")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--quick", action="store_true",
                         help="1 seed, 20 steps, digits, results under benchmarks/out/ (a smoke test, not results)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--runs-dir", default=str(HERE / "out" / "accuracy"))
+    parser.add_argument("--runs-dir", default=None,
+                        help="run directories (default out/accuracy[_students][_quick]: a quick run never meets a "
+                             "full run's directory, whose config differs)")
     parser.add_argument("--out", default=None, help="results JSON (default results/accuracy.json; quick: out/)")
     parser.add_argument("--replot", action="store_true", help="only redraw the plot and table from the --out JSON")
     args = parser.parse_args(argv)
     datasets = args.datasets or (["digits"] if args.quick else list(DATASETS))
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     extra = [*(QUICK_OVERRIDES if args.quick else []), *args.overrides]
-    out = Path(args.out or (HERE / "out" / "accuracy_quick.json" if args.quick else HERE / "results" / "accuracy.json"))
-    variants = [v for v in VARIANTS if args.variants is None or v.name in args.variants]
+    stem = "accuracy_students" if args.students else "accuracy"
+    out = Path(args.out or (HERE / "out" / f"{stem}_quick.json" if args.quick else HERE / "results" / f"{stem}.json"))
+    runs_dir = Path(args.runs_dir or HERE / "out" / (stem + ("_quick" if args.quick else "")))
+    table = student_variants(args.clip_lr) if args.students else VARIANTS
+    variants = [v for v in table if args.variants is None or v.name in args.variants]
+    if not variants:
+        parser.error(f"none of --variants {args.variants} is in the {'--students ' if args.students else ''}table: "
+                     f"{', '.join(v.name for v in table)}")
     if args.replot:
         results = json.loads(out.read_text())
         _finish(results, out)
@@ -214,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in datasets:
         for variant in variants:
             for seed in seeds:
-                results["runs"].append(run_one(targets[name], variant, seed, extra, Path(args.runs_dir)))
+                results["runs"].append(run_one(targets[name], variant, seed, extra, runs_dir))
                 print(json.dumps({k: results["runs"][-1][k] for k in ("dataset", "variant", "seed", "ema_top1")}),
                       flush=True)
                 results["summary"] = summarize(results["runs"], variants)

@@ -136,6 +136,9 @@ class StudentConfig:
     compile: bool = False  # torch.compile the student and the EMAN teacher in place
     # --- recipes (issue 8) ---
     allow_label_leakage: bool = False  # True: allow T-ZSL from weights trained with the target dataset's labels
+    # --- CLIP as the student (arch "clip", models/clip_student.py; ignored by other archs) ---
+    clip_train: str = "all"  # what trains: all | last-blocks (last clip_train_blocks blocks + norms + head) | lora
+    clip_train_blocks: int = 2  # last-blocks: how many of the image tower's last residual blocks train
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,9 @@ UNIT = Constraint(0.0, 1.0)  # [0, 1]
 MOMENTUM = Constraint(0.0, 1.0, high_open=True)  # [0, 1)
 FINITE = Constraint()
 
+CLIP_TRAIN_MODES = ("all", "last-blocks", "lora")
+"""student.clip_train: what of a CLIP student (student.arch=clip) trains (models/clip_student.py)."""
+
 CONSTRAINTS: dict[str, Constraint] = {
     "data.holdout_fraction": MOMENTUM,
     "data.image_size": at_least(1),
@@ -329,6 +335,9 @@ CONSTRAINTS: dict[str, Constraint] = {
     "algorithm.lambda_cld": at_least(0),
     "algorithm.cld_grouping": Constraint(choices=("argmax", "argmin")),
     "recipe": Constraint(choices=("fast", "paper")),
+    # --- CLIP as the student ---
+    "student.clip_train": Constraint(choices=CLIP_TRAIN_MODES),
+    "student.clip_train_blocks": at_least(1),
 }
 """Valid values per dotted key. Every int / float field must have an entry (a test checks it)."""
 
@@ -452,13 +461,17 @@ def describe_recipe(config: RunConfig) -> str:
     """One line saying what a resolved config will run (printed at the start of `zsa adapt` / `zsa ssl`)."""
     algo, optim, data, student = config.algorithm, config.optim, config.data, config.student
     init = student.pretrained or "random init"
+    size = f"{data.image_size} px"
+    if student.arch == "clip":  # CLIP as the student: the teacher's weights, input size and normalization
+        init = f"{student.pretrained or 'CLIP ' + config.teacher.model + ' zero-shot'}, clip_train {student.clip_train}"
+        size = "CLIP-sized"
     cld = f"CLD {algo.lambda_cld:g} ({algo.cld_grouping} groups)" if algo.lambda_cld > 0 else "no CLD"
     fill = f"CLIP fill >= {algo.clip_fill_threshold:g}" if algo.clip_fill_threshold is not None else "no CLIP fill"
     views = "multi-view (2 weak + 2 strong)" if algo.multiview else "single view"
     flip = "" if data.hflip is None else (", flips" if data.hflip else ", no flips")
     return (
         f"recipe {config.recipe} ({run_mode(config)}): {algo.name}, {views}, {cld}, {fill}, tau {algo.tau:g}, "
-        f"threshold {algo.threshold:g}; student {student.arch} ({init}); {data.image_size} px {data.augment} "
+        f"threshold {algo.threshold:g}; student {student.arch} ({init}); {size} {data.augment} "
         f"views{flip}; {optim.epochs} epochs, batch {optim.batch_size} + {optim.mu}x unlabeled, lr {optim.lr:g}"
     )
 

@@ -175,6 +175,8 @@ def describe_eval_transform(transform) -> dict[str, Any]:
             normalize = step
         elif isinstance(step, T.ToTensor) or "rgb" in getattr(step, "__name__", "").lower():
             continue
+        elif type(step).__name__ == "MaybeToTensor" or getattr(step, "mode", None) == "RGB":
+            continue  # open_clip 3's ToTensor and convert("RGB") steps (a CLIP student's eval transform)
         else:
             raise UserError(f"cannot describe the run's eval transform for timm: unexpected step {step!r}")
     if resize is None or crop is None or normalize is None:

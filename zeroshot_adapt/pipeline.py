@@ -666,6 +666,8 @@ class TrainingData:
     class_names: list[str]
     clip_test: dict[str, Any] | None  # CLIP zero-shot on the test split (label-based entries None without labels)
     clip_test_prediction: np.ndarray | None = None  # [len(test)] CLIP's test predictions, for label-free agreement
+    text_classifier: np.ndarray | None = None  # [C, D] the cache's zero-shot classifier (a CLIP student's head)
+    logit_scale: float | None = None  # the cache's logit scale
 
 
 def prepare_training_data(config: RunConfig) -> TrainingData:
@@ -680,6 +682,7 @@ def prepare_training_data(config: RunConfig) -> TrainingData:
     from zeroshot_adapt import ssl as ssl_sets
 
     use_clip = not config.ssl.enabled or config.ssl.use_clip
+    clip_head = config.student.arch == "clip"  # a CLIP student's head is the cached text classifier
     if use_clip:
         preds = teacher_predictions(config, "train")
         train, classes = preds.table, list(preds.prompts.classes)
@@ -755,6 +758,8 @@ def prepare_training_data(config: RunConfig) -> TrainingData:
         num_classes=len(classes),
         class_names=classes,
         clip_test=clip_test,
+        text_classifier=preds.text_classifier if use_clip and clip_head else None,
+        logit_scale=preds.logit_scale if use_clip and clip_head else None,
         clip_test_prediction=clip_test_prediction,
     )
 
@@ -863,9 +868,9 @@ def _adapt(config: RunConfig, *, stop_after_steps: int | None, data: TrainingDat
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from zeroshot_adapt.data.transforms import build_transforms
     from zeroshot_adapt.launch import check_launch, use_cpu
     from zeroshot_adapt.models.acceleration import prepare_module
+    from zeroshot_adapt.models.clip_student import is_clip_arch
     from zeroshot_adapt.models.student import EmanTeacher, check_student_initialisation, create_student
     from zeroshot_adapt.reports.plots import plot_confusion, plot_pseudo_label_distribution
     from zeroshot_adapt.train import LoopSettings, atomic_torch_save, train
@@ -890,13 +895,14 @@ def _adapt(config: RunConfig, *, stop_after_steps: int | None, data: TrainingDat
                     config.pseudo.tau_clip)
     spec = get_spec(config.data.dataset)
     hflip = spec.hflip if config.data.hflip is None else config.data.hflip
-    transforms = build_transforms(config.data.image_size, recipe=config.data.augment, hflip=hflip)
+    transforms = student_transforms(config, recipe=config.data.augment, hflip=hflip)
     num_views = 2 if config.algorithm.multiview else 1
     labeled, unlabeled, batch_pipeline = training_views(config, data, transforms, num_views, accelerator.device)
     # Seed here, after the data stage: building a missing CLIP cache consumes the global RNG, and the
     # student's initial weights must not depend on whether the cache already existed.
     set_seed(config.seed)
-    student = create_student(config.student.arch, data.num_classes, config.student.pretrained)
+    student = (_clip_student(config, data) if is_clip_arch(config.student.arch)
+               else create_student(config.student.arch, data.num_classes, config.student.pretrained))
     prepare_module(student, channels_last=config.student.channels_last)
     ema = EmanTeacher(student)
     for model in (student, ema.module):  # compiled in place after the copy: state_dict keys stay plain
@@ -975,6 +981,40 @@ def _adapt(config: RunConfig, *, stop_after_steps: int | None, data: TrainingDat
     return report
 
 
+def student_transforms(config: RunConfig, *, recipe: str, hflip: bool):
+    """The student's weak / strong / eval views: at data.image_size with ImageNet mean / std, or, for a CLIP
+    student (student.arch=clip), at CLIP's own input size, mean / std and eval preprocessing."""
+    from zeroshot_adapt.data.transforms import build_transforms
+    from zeroshot_adapt.models.clip_student import clip_student_transforms, is_clip_arch
+
+    if is_clip_arch(config.student.arch):
+        return clip_student_transforms(config, recipe=recipe, hflip=hflip)
+    return build_transforms(config.data.image_size, recipe=recipe, hflip=hflip)
+
+
+def _student_image_size(config: RunConfig) -> int:
+    """The student's input size: data.image_size, or a CLIP student's own."""
+    from zeroshot_adapt.models.clip_student import clip_preprocess, is_clip_arch
+
+    if is_clip_arch(config.student.arch):
+        return clip_preprocess(config.teacher.model, config.teacher.pretrained).size
+    return config.data.image_size
+
+
+def _clip_student(config: RunConfig, data: TrainingData):
+    """The CLIP student (models/clip_student.py), its head the cached zero-shot classifier."""
+    from zeroshot_adapt.models.clip_student import count_parameters, create_clip_student
+
+    if data.text_classifier is None or data.logit_scale is None:  # SSL without CLIP: open the cache for it
+        preds = teacher_predictions(config, "train")
+        data = replace(data, text_classifier=preds.text_classifier, logit_scale=preds.logit_scale)
+    student = create_clip_student(config, data.num_classes, data.text_classifier, data.logit_scale)
+    trainable, total = count_parameters(student)
+    log.info("CLIP student %s (clip_train=%s): %d of %d parameters train", config.teacher.model,
+             config.student.clip_train, trainable, total)
+    return student
+
+
 def ground_truth_notes(data: TrainingData) -> list[str]:
     """What the report leaves out for want of labels (never faked), one sentence each."""
     if data.test is None:
@@ -1013,7 +1053,7 @@ def warn_large_student_on_cpu(config: RunConfig, student: torch.nn.Module, devic
         return
     views = 2 if config.algorithm.multiview else 1
     images_per_step = config.optim.batch_size * (1 + config.optim.mu * (1 + views))  # labeled + weak/strong views
-    seconds = measure_seconds_per_image(student, config.data.image_size)
+    seconds = measure_seconds_per_image(student, _student_image_size(config))
     log.warning("%s", large_student_message(config.student.arch, num_params, "cpu", seconds, images_per_step,
                                             total_steps))
 
@@ -1041,7 +1081,7 @@ def method_summary(config: RunConfig) -> dict[str, Any]:
         "clip_fill_threshold": algorithm.clip_fill_threshold,
         "unlabeled_set": "excludes labeled" if config.ssl.enabled else config.pseudo.unlabeled_set,
         "student_init": config.student.pretrained,
-        "views": f"{config.data.augment} {config.data.image_size} px",
+        "views": f"{config.data.augment} {_student_image_size(config)} px",
     }
 
 
@@ -1183,7 +1223,6 @@ def evaluate_student_on(run_dir: str | Path, config: RunConfig, *, progress: boo
     ``student_all_outputs_top1`` is the unmasked accuracy (argmax over every output), for comparison.
     Images the CLIP cache marked corrupt are skipped for both, and counted."""
     from zeroshot_adapt.class_subsets import all_outputs_top1, class_columns, restrict_logits
-    from zeroshot_adapt.data.transforms import build_transforms
     from zeroshot_adapt.stages import load_trained_student, predict_table, run_config
 
     run_dir = Path(run_dir)
@@ -1197,7 +1236,7 @@ def evaluate_student_on(run_dir: str | Path, config: RunConfig, *, progress: boo
                             model_ids=outputs.folder_names, dataset=repr(config.data.dataset))
     student = load_trained_student(trained, len(outputs.classes), run_dir / "student.pt")
     valid = np.flatnonzero(preds.valid)
-    transform = build_transforms(trained.data.image_size, recipe="auto", hflip=False).eval
+    transform = student_transforms(trained, recipe="auto", hflip=False).eval
     logits, _ = predict_table(student, table, valid, transform, num_workers=config.data.num_workers)
     labels = np.asarray(table.labels)[valid]
     restricted = restrict_logits(logits, mapping.columns)

@@ -89,10 +89,10 @@ def _device() -> torch.device:
 
 def _eval_transform(config: RunConfig):
     from zeroshot_adapt.data.registry import get_spec
-    from zeroshot_adapt.data.transforms import build_transforms
+    from zeroshot_adapt.pipeline import student_transforms
 
     spec = get_spec(config.data.dataset)
-    return build_transforms(config.data.image_size, recipe=config.data.augment, hflip=spec.hflip).eval
+    return student_transforms(config, recipe=config.data.augment, hflip=spec.hflip).eval
 
 
 def run_config(run_dir: str | Path) -> RunConfig:
@@ -109,12 +109,16 @@ def run_config(run_dir: str | Path) -> RunConfig:
 
 def load_trained_student(config: RunConfig, num_classes: int, path: str | Path) -> nn.Module:
     """The student architecture of `config` with the weights `adapt` saved at `path` (eval mode)."""
+    from zeroshot_adapt.models.clip_student import clip_student_architecture, is_clip_arch
     from zeroshot_adapt.models.student import create_student, read_state_dict
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no trained student at {str(path)!r}: run the training stage first")
-    model = create_student(config.student.arch, num_classes, pretrained=None)
+    if is_clip_arch(config.student.arch):  # architecture from the teacher's config, nothing downloaded
+        model = clip_student_architecture(config, num_classes)
+    else:
+        model = create_student(config.student.arch, num_classes, pretrained=None)
     model.load_state_dict(read_state_dict(path))
     return model.eval()
 

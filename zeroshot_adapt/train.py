@@ -435,7 +435,7 @@ def train(
     micro_batch = settings.batch_size // micro_batches
 
     optimizer = torch.optim.SGD(
-        student.parameters(),
+        [p for p in student.parameters() if p.requires_grad],  # frozen parameters: no update, no weight decay
         lr=settings.lr,
         momentum=settings.momentum,
         weight_decay=settings.weight_decay,

@@ -387,6 +387,11 @@ def check_student_initialisation(config: Any) -> None:
     from zeroshot_adapt.data.registry import get_spec
 
     student = config.student
+    if student.arch == "clip":  # the CLIP student starts from the teacher's own weights (models/clip_student.py)
+        from zeroshot_adapt.models.clip_student import check_clip_student_config
+
+        check_clip_student_config(config)
+        return
     mode = run_mode(config)
     if student.pretrained is None:
         if config.recipe == "paper" and student.arch.partition(".")[0] == "resnet50" and "random" not in _warned:
