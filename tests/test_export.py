@@ -133,6 +133,18 @@ def test_config_json_has_timm_hub_fields(cnn_export):
     assert zsa["preprocessing_check"]["max_abs_difference"] == 0.0
 
 
+def test_the_export_holds_no_local_path(cnn_run, cnn_export):
+    """An export is meant for upload: the run's folder (and any other absolute path) is cut to its name."""
+    from zeroshot_adapt.export import shareable
+
+    for name in ("config.json", "README.md"):
+        text = (cnn_export / name).read_text()
+        assert str(cnn_run.parent) not in text and "/tmp/" not in text, name
+    assert json.loads((cnn_export / "config.json").read_text())["zsa"]["run"]["dir"] == cnn_run.name
+    assert shareable({"p": "classes of /home/me/classes.txt", "u": "https://hf.co/a/b", "r": ["prompts/x.json"]}) == {
+        "p": "classes of classes.txt", "u": "https://hf.co/a/b", "r": ["prompts/x.json"]}
+
+
 def test_model_card_says_what_the_run_was(cnn_run, cnn_export):
     card = (cnn_export / "README.md").read_text()
     report = json.loads((cnn_run / "report.json").read_text())
@@ -182,6 +194,15 @@ def test_ema_weights_are_the_last_checkpoints_teacher(cnn_run, tmp_path):
     assert not all(torch.equal(state[k], checkpoint["student"][k]) for k in state)  # not the student
     assert info.config["zsa"]["weights"] == "ema" and "EMA (EMAN) teacher** at the last step" in \
         (out / "README.md").read_text()
+
+
+def test_a_damaged_ema_checkpoint_is_refused_without_advising_to_start_over(cnn_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(cnn_run, run)
+    (run / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    assert main(["export", str(run), "--out", str(tmp_path / "ema"), "--weights", "ema"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the EMA teacher" in err and "--weights student" in err and "start" not in err
 
 
 def test_predict_cli_skips_corrupt_files_and_sorts_top_k(cnn_run, cnn_export, digit_folder, tmp_path, caplog):
@@ -325,3 +346,30 @@ def test_open_clip_style_eval_transforms_are_described_for_timm():
         assert preprocessing_difference(transform, config) == 0.0
     with pytest.raises(UserError, match="unexpected step"):
         describe_eval_transform(T.Compose([T.Resize(32), T.RandomHorizontalFlip(), T.CenterCrop(32), *finish]))
+
+
+def test_default_top_k_fits_a_model_with_fewer_classes_and_a_truncated_pil_image_is_skipped(tmp_path):
+    """A 3-class model predicts with the defaults (top-3, not an error for top-5); an explicit --top-k above the
+    class count is refused naming the range; a truncated PIL image given by the caller is skipped, not fatal."""
+    import io
+    from types import SimpleNamespace
+
+    import torchvision.transforms as T
+
+    from zeroshot_adapt.predict import Predictor
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3)).eval()
+    info = SimpleNamespace(class_names=["cat", "dog", "fox"], transform=T.Compose([T.Resize((8, 8)), T.ToTensor()]),
+                           data_config={"input_size": (3, 8, 8)})
+    predictor = Predictor(model, info, torch.device("cpu"))
+    good = Image.new("RGB", (12, 12), (200, 30, 30))
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(buffer, format="PNG")
+    truncated = Image.open(io.BytesIO(buffer.getvalue()[:60]))  # lazily opened: fails when its pixels are read
+    result = predictor.predict_images([good, truncated], progress=False)
+    assert result.indices.shape == (1, 3) and result.keys == ["0"]
+    assert [s["key"] for s in result.skipped] == ["1"] and result.skipped[0]["reason"].startswith("corrupt")
+    assert np.all(np.diff(result.probs, axis=1) <= 0) and np.isclose(result.probs.sum(), 1.0, atol=1e-5)
+    with pytest.raises(UserError, match=r"--top-k 5 must be an integer in 1\.\.3"):
+        predictor.predict_images([good], top_k=5, progress=False)

@@ -79,6 +79,9 @@ def test_classes_file_errors_name_the_problem(tmp_path):
     path.write_text("\n\n")
     with pytest.raises(UserError, match="is empty"):
         read_classes_file(str(path))
+    path.write_text("cat\n")
+    with pytest.raises(UserError, match="names 1 class .'cat'.; at least 2 are needed"):
+        read_classes_file(str(path))
     with pytest.raises(UserError, match="does not exist"):
         read_classes_file(str(tmp_path / "missing.txt"))
 

@@ -127,3 +127,19 @@ def test_suite_shows_label_free_columns_for_an_unlabeled_dataset(world, tmp_path
     for method in ("zeroshot", "debiaspl"):
         assert rows[method]["acc1"] == "" and 0 <= float(rows[method]["estimated_acc1"]) <= 1
     assert float(rows["debiaspl"]["clip_agreement"]) >= 0 and rows["zeroshot"]["clip_agreement"] == ""
+
+
+def test_a_folder_too_small_for_a_test_split_trains_and_says_why_it_has_no_test_report(world, tmp_path, caplog):
+    """2 images: the 20% holdout is empty. The run says so (with the remedy) and trains without a test
+    evaluation, instead of failing on an empty cache or an empty evaluation."""
+    import shutil
+
+    small = tmp_path / "two"
+    small.mkdir()
+    for path in sorted(world["flat"].iterdir())[:2]:
+        shutil.copy(path, small / path.name)
+    run_dir = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        assert main(_adapt_argv(world, small, run_dir, "--select", "topk", "--per-class", "1")) == 0
+    assert "the test split of imagefolder is empty" in caplog.text and "data.holdout_fraction=0" in caplog.text
+    assert json.loads((run_dir / "report.json").read_text())["completed"]

@@ -222,7 +222,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a folder written by `zsa export`")
     p.add_argument("--data-dir", required=True, help="folder of images (flat or nested)")
     p.add_argument("--out", required=True, help="predictions CSV (a .summary.json with the skipped files goes beside)")
-    p.add_argument("--top-k", type=int, default=5, help="classes per image, most probable first (default 5)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="classes per image, most probable first (default 5, or every class of a smaller model)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images (default 0)")
@@ -293,7 +294,7 @@ def _needs_bundled_weights(args: argparse.Namespace) -> bool:
         return False
     if any(o.startswith("teacher.pretrained=") for o in args.overrides):
         return False
-    return "pretrained" not in _config_file_values(args).get("teacher", {})
+    return "pretrained" not in (_config_file_values(args).get("teacher") or {})
 
 
 def _config_file_values(args: argparse.Namespace) -> dict:
@@ -310,7 +311,7 @@ def _dataset_name(args: argparse.Namespace) -> str | None:
         return args.dataset
     if any(o.startswith("data.dataset=") for o in args.overrides):
         return None
-    if "dataset" in _config_file_values(args).get("data", {}):
+    if "dataset" in (_config_file_values(args).get("data") or {}):
         return None
     return "imagefolder"
 

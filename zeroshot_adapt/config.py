@@ -137,7 +137,7 @@ class StudentConfig:
     # --- recipes (issue 8) ---
     allow_label_leakage: bool = False  # True: allow T-ZSL from weights trained with the target dataset's labels
     # --- CLIP as the student (arch "clip", models/clip_student.py; ignored by other archs) ---
-    clip_train: str = "all"  # what trains: all | last-blocks (last clip_train_blocks blocks + norms + head) | lora
+    clip_train: str = "all"  # what trains: all | last-blocks (last clip_train_blocks blocks + norms + head)
     clip_train_blocks: int = 2  # last-blocks: how many of the image tower's last residual blocks train
 
 
@@ -266,7 +266,7 @@ UNIT = Constraint(0.0, 1.0)  # [0, 1]
 MOMENTUM = Constraint(0.0, 1.0, high_open=True)  # [0, 1)
 FINITE = Constraint()
 
-CLIP_TRAIN_MODES = ("all", "last-blocks", "lora")
+CLIP_TRAIN_MODES = ("all", "last-blocks")
 """student.clip_train: what of a CLIP student (student.arch=clip) trains (models/clip_student.py)."""
 
 CONSTRAINTS: dict[str, Constraint] = {

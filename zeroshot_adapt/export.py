@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -70,6 +71,22 @@ class FinishedRun:
     config: Any  # RunConfig
     report: dict[str, Any]
 
+
+
+# An absolute local path inside a string ("/home/me/data/classes.txt", also inside prose), not a URL's path.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~])/(?:[^\s'\"`|,;()/]+/)+([^\s'\"`|,;()/]+)")
+
+
+def shareable(value: Any) -> Any:
+    """`value` (JSON-like) with every absolute local path cut to its file name: an export is meant to be uploaded,
+    and the user's folders (user name, data layout) are not part of the model."""
+    if isinstance(value, str):
+        return _ABSOLUTE_PATH.sub(lambda match: match.group(1), value)
+    if isinstance(value, dict):
+        return {key: shareable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [shareable(item) for item in value]
+    return value
 
 def open_finished_run(run_dir: str | Path) -> FinishedRun:
     """The finished run in `run_dir`, or a UserError naming the path and what is missing."""
@@ -129,7 +146,11 @@ def trained_model(run: FinishedRun, num_classes: int, weights: str = DEFAULT_WEI
         if not path.is_file():
             raise UserError(f"run {str(run.run_dir)!r} holds no {str(path)!r}, so no EMA teacher to export; use "
                             "--weights student")
-        checkpoint = read_checkpoint(path)
+        try:
+            checkpoint = read_checkpoint(path)
+        except UserError as error:  # not read_checkpoint's advice (start the run over): the run is finished
+            raise UserError(f"cannot read the EMA teacher: {str(error).split(';')[0]}; export the "
+                            "student instead (--weights student)") from None
         if checkpoint.get("step") != run.report.get("total_steps"):
             raise UserError(f"{str(path)!r} is from step {checkpoint.get('step')}, the run ended at step "
                             f"{run.report.get('total_steps')}: its EMA teacher is not the final one")
@@ -274,7 +295,7 @@ def save_exported(
                           "num_classes": len(class_names), "classifier": "head"}
         config = {"architecture": CLIP_ARCHITECTURE, "num_classes": len(class_names),
                   "num_features": int(getattr(model, "num_features", 0)), "label_names": list(class_names),
-                  "pretrained_cfg": pretrained_cfg, "zsa": {**zsa, "clip": model.export_config()}}
+                  "pretrained_cfg": pretrained_cfg, "zsa": shareable({**zsa, "clip": model.export_config()})}
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     else:
         from timm.models import save_for_hf
@@ -350,15 +371,16 @@ def export_run(
         "weights": weights,
         "loader": "zeroshot_adapt.load_exported" if clip else "timm",
         "needs_import": needs_import or None,
-        "run": {"dir": str(run.run_dir.resolve()), "dataset": run.config.data.dataset,
+        "run": {"dir": run.run_dir.resolve().name, "dataset": run.config.data.dataset,
                 "algorithm": run.report.get("algorithm"), "step": run.report.get("step")},
         "provenance": run.report.get("provenance"),
         "labeled_set": run.report.get("labeled_set"),
         "method": run.report.get("method"),
         "preprocessing_check": {"max_abs_difference": difference, "probe_images": len(PROBE_IMAGE_SIZES)},
     }
-    card = model_card(run, class_names, weights=weights, architecture=architecture, data_config=data_config,
-                      needs_import=needs_import, preprocessing_difference=difference)
+    zsa = shareable(zsa)
+    card = shareable(model_card(run, class_names, weights=weights, architecture=architecture, data_config=data_config,
+                                needs_import=needs_import, preprocessing_difference=difference))
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=parent))
@@ -584,9 +606,13 @@ def model_card(
                      "or `model, info = zeroshot_adapt.load_exported(\"path/to/this/folder\")`.", ""])
     lines += ["Predict a folder of images: `zsa predict --model path/to/this/folder --data-dir images/ "
               "--out predictions.csv`.", "", "## Preprocessing", "",
-              f"input {data_config['input_size'][1]}x{data_config['input_size'][2]} px, resize the shorter side "
-              f"with {data_config['interpolation']} interpolation then center-crop (crop_pct "
-              f"{data_config['crop_pct']:.4g}), mean {[round(m, 4) for m in data_config['mean']]}, "
+              f"input {data_config['input_size'][1]}x{data_config['input_size'][2]} px, "
+              + ("resize both sides (squash, no crop)" if data_config.get("crop_mode") == "squash" else
+                 "resize the shorter side")
+              + f" with {data_config['interpolation']} interpolation"
+              + ("" if data_config.get("crop_mode") == "squash" else
+                 f" then center-crop (crop_pct {data_config['crop_pct']:.4g})")
+              + f", mean {[round(m, 4) for m in data_config['mean']]}, "
               f"std {[round(v, 4) for v in data_config['std']]}. "
               + ("timm's transform from config.json equals the run's eval transform on "
                  f"{len(PROBE_IMAGE_SIZES)} probe images." if preprocessing_difference == 0 else

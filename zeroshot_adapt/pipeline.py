@@ -1052,7 +1052,7 @@ def warn_large_student_on_cpu(config: RunConfig, student: torch.nn.Module, devic
     if torch.device(device).type != "cpu" or num_params < LARGE_STUDENT_PARAMS:
         return
     views = 2 if config.algorithm.multiview else 1
-    images_per_step = config.optim.batch_size * (1 + config.optim.mu * (1 + views))  # labeled + weak/strong views
+    images_per_step = config.optim.batch_size * (1 + config.optim.mu * 2 * views)  # labeled + weak and strong views
     seconds = measure_seconds_per_image(student, _student_image_size(config))
     log.warning("%s", large_student_message(config.student.arch, num_params, "cpu", seconds, images_per_step,
                                             total_steps))

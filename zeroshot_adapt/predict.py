@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,8 @@ class _Inputs(torch.utils.data.Dataset):
             return torch.zeros(self.input_size), False, f"corrupt: {error.reason or error}"
         except ImageReadError as error:
             return torch.zeros(self.input_size), False, f"unreadable: {error.reason or error}"
+        except (OSError, ValueError, SyntaxError) as error:  # a lazily loaded, truncated PIL image given by the caller
+            return torch.zeros(self.input_size), False, f"corrupt: {error}"
 
 
 def _collate(batch):
@@ -148,11 +151,15 @@ class Predictor:
     def class_names(self) -> list[str]:
         return list(self.info.class_names)
 
-    def _check_top_k(self, top_k: int) -> int:
+    def _check_top_k(self, top_k: int | None) -> int:
+        """None: min(DEFAULT_TOP_K, classes), so a 3-class model works with the defaults; an explicit value must
+        be in 1..classes."""
         num_classes = len(self.info.class_names)
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_classes:
+        if top_k is None:
+            return min(DEFAULT_TOP_K, num_classes)
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 1 <= top_k <= num_classes:
             raise UserError(f"--top-k {top_k!r} must be an integer in 1..{num_classes} (the model's classes)")
-        return top_k
+        return int(top_k)
 
     @torch.no_grad()
     def predict(
@@ -160,7 +167,7 @@ class Predictor:
         items: Sequence[Any],
         keys: Sequence[str],
         *,
-        top_k: int = DEFAULT_TOP_K,
+        top_k: int | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         num_workers: int = 0,
         progress: bool = True,
@@ -232,7 +239,7 @@ class Predictor:
         return self.predict(images, keys, **kwargs)
 
 
-def predict_folder(model_dir: str | Path, data_dir: str | Path, *, top_k: int = DEFAULT_TOP_K,
+def predict_folder(model_dir: str | Path, data_dir: str | Path, *, top_k: int | None = None,
                    batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device | None = None,
                    num_workers: int = 0, progress: bool = True) -> PredictionResult:
     """Top-k predictions of the exported model in `model_dir` on every image under `data_dir`."""
@@ -241,7 +248,7 @@ def predict_folder(model_dir: str | Path, data_dir: str | Path, *, top_k: int = 
                                     progress=progress)
 
 
-def predict_images(model_dir: str | Path, images: Sequence[Image.Image | str | Path], *, top_k: int = DEFAULT_TOP_K,
+def predict_images(model_dir: str | Path, images: Sequence[Image.Image | str | Path], *, top_k: int | None = None,
                    batch_size: int = DEFAULT_BATCH_SIZE, device: str | torch.device | None = None,
                    keys: Sequence[str] | None = None, progress: bool = False) -> PredictionResult:
     """Top-k predictions of the exported model in `model_dir` on PIL images and / or image paths."""

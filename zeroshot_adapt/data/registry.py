@@ -496,6 +496,12 @@ def load_split(
     whole = source.read(single)
     train_positions, test_positions = holdout_positions(whole.keys, whole.labels, holdout_fraction, seed)
     positions = train_positions if split == "train" else test_positions
+    if len(positions) == 0:
+        raise UserError(
+            f"the {split} split of {spec.name} is empty: a {100 * holdout_fraction:.0f}% holdout of "
+            f"{len(whole.keys)} image(s) of {source.description} leaves none for it; add images, or set "
+            "data.holdout_fraction=0 to use them all for both (the transductive setting)"
+        )
     table = whole.to_table(spec.name, split, positions)
     log.info(
         "%s/%s: %d of %d samples of split %r of %s (stratified holdout %.0f%%, seed %d)",

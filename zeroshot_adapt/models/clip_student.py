@@ -13,9 +13,10 @@ What trains (``student.clip_train``, :data:`CLIP_TRAIN_MODES`):
 - ``all``: every parameter;
 - ``last-blocks``: the last ``student.clip_train_blocks`` residual blocks of the image tower, every layer after
   them (ViT: ``ln_post`` / ``proj`` / attention pooling; ResNet: ``attnpool``), every normalization layer and
-  the head; everything else is frozen (``requires_grad=False``: not in the optimizer, no weight decay);
-- ``lora``: reserved for low-rank adapters (planned through the optional ``peft`` library); not implemented
-  yet: refused with a UserError naming the working modes.
+  the head; everything else is frozen (``requires_grad=False``: not in the optimizer, no weight decay).
+
+LoRA is not offered: ``peft`` needs ``transformers``, which this package does not depend on; ``lora`` is refused
+like any unknown mode, with a message saying so.
 
 The module has timm's classifier interface (``forward_features``, ``forward_head(pre_logits=...)``,
 ``get_classifier``, ``reset_classifier``, ``num_classes``, ``pretrained_cfg``), so the training loop, the EMAN
@@ -41,7 +42,6 @@ from zeroshot_adapt.errors import UserError
 
 CLIP_ARCH = "clip"
 """The ``student.arch`` value that selects this student (other code relies on the name)."""
-IMPLEMENTED_TRAIN_MODES = ("all", "last-blocks")
 EXPORT_FORMAT = "zsa-clip-student/1"
 HEAD_PREFIX = "head."
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -264,10 +264,8 @@ def _blocks_and_tail(visual: nn.Module) -> tuple[list[nn.Module], list[nn.Module
 
 def check_train_mode(mode: str) -> None:
     if mode not in CLIP_TRAIN_MODES:
-        raise UserError(f"unknown student.clip_train {mode!r}; valid: {', '.join(CLIP_TRAIN_MODES)}")
-    if mode not in IMPLEMENTED_TRAIN_MODES:
-        raise UserError(f"student.clip_train={mode} is not implemented yet (LoRA is planned through the optional peft "
-                        f"library); use one of {', '.join(IMPLEMENTED_TRAIN_MODES)}")
+        why = " (LoRA is not offered: peft needs transformers, not a dependency here)" if mode == "lora" else ""
+        raise UserError(f"unknown student.clip_train {mode!r}{why}; valid: {', '.join(CLIP_TRAIN_MODES)}")
 
 
 # ----------------------------------------------------------------------------- building it for a run

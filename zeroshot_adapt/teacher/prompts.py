@@ -296,6 +296,9 @@ def read_classes_file(path: str) -> tuple[str, ...]:
             seen[key] = number
     if repeated:
         raise UserError(f"classes file {path!r} names a class twice: {', '.join(repeated)}; each class once")
+    if len(names) < 2:
+        raise UserError(f"classes file {path!r} names {len(names)} class ({names[0]!r}); at least 2 are needed "
+                        "(a softmax over one class is always 1.0, so every image would pass any tau_clip)")
     return tuple(names)
 
 
