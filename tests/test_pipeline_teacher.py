@@ -221,3 +221,23 @@ def test_labeled_set_carries_clip_labels_never_ground_truth(tmp_path, random_cli
     # the unlabeled set is every valid training sample, with CLIP's label and confidence attached
     assert len(data.unlabeled_indices) == len(data.train)
     np.testing.assert_array_equal(data.clip_label, preds.prediction)
+
+
+def test_weights_file_digest_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    """A local CLIP checkpoint is hashed once per process (its id is asked for several times per run), and
+    hashed again when its bytes (size / mtime) change."""
+    import hashlib
+    import os
+
+    from zeroshot_adapt.teacher import clip
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 1000)
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (opened.append(a[0]), real_open(*a, **k))[1])
+    first = clip.file_sha256(path)
+    assert first == clip.file_sha256(path) == hashlib.sha256(b"a" * 1000).hexdigest() and len(opened) == 1
+    path.write_bytes(b"b" * 1001)
+    os.utime(path, ns=(1, 1))
+    assert clip.file_sha256(path) == hashlib.sha256(b"b" * 1001).hexdigest() and len(opened) == 2

@@ -44,12 +44,22 @@ class ClipModel:
         return float(self.model.logit_scale.exp().item())
 
 
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}  # (real path, size, mtime_ns, inode) -> sha256
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of the file's bytes, remembered per (real path, size, mtime, inode) in this process: the weights id
+    is asked for several times per run (cache identity, the CLIP student's preprocessing), and a ViT-L
+    checkpoint takes seconds to hash."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def _register_packaged_models() -> None:
