@@ -215,18 +215,13 @@ class Predictor:
 
     def predict_folder(self, data_dir: str | Path, **kwargs: Any) -> PredictionResult:
         """Every image file under `data_dir` (flat or nested), keyed by its path relative to `data_dir`."""
-        from zeroshot_adapt.data.sources import FolderWalker
+        from zeroshot_adapt.data.sources import list_image_files
 
         root = Path(data_dir).expanduser()
         if not root.is_dir():
             raise UserError(f"--data-dir {str(root)!r} is not a folder of images")
-        walker = FolderWalker()
-        walker.mark(root)
-        files = list(walker.images(root))
-        walker.report.warn(f"image folder {str(root)!r}")
-        if not files:
-            raise UserError(f"--data-dir {str(root)!r} holds no image files")
-        return self.predict(files, [path.relative_to(root).as_posix() for path in files], **kwargs)
+        files, keys = list_image_files(root, f"--data-dir {str(root)!r}")
+        return self.predict(files, keys, **kwargs)
 
     def predict_images(self, images: Sequence[Image.Image | str | Path], *, keys: Sequence[str] | None = None,
                        **kwargs: Any) -> PredictionResult:

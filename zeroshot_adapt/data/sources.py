@@ -576,6 +576,19 @@ class FolderWalker:
             yield from self.images(Path(subdir))
 
 
+def list_image_files(root: Path, description: str) -> tuple[list[Path], list[str]]:
+    """Every image file under `root` (flat or nested; links followed once, never back into `root`), sorted by
+    its key, the path relative to `root` in posix form; skipped entries are warned about once; UserError when
+    there is none."""
+    walker = FolderWalker()
+    walker.mark(root)
+    files = sorted(walker.images(root), key=lambda path: path.relative_to(root).as_posix())
+    walker.report.warn(description)
+    if not files:
+        raise UserError(f"{description}: no image files found anywhere under {str(root)!r}")
+    return files, [path.relative_to(root).as_posix() for path in files]
+
+
 def is_image_folder(path: Path) -> bool:
     return path.is_dir() and next(FolderWalker().images(path), None) is not None
 
@@ -656,13 +669,7 @@ class ImageFolderSource(Source):
 
 
     def _read_unlabeled(self) -> SourceSplit:
-        walker = FolderWalker()
-        walker.mark(self.root)
-        files = sorted(walker.images(self.root), key=lambda path: path.relative_to(self.root).as_posix())
-        walker.report.warn(self.description)
-        if not files:
-            raise UserError(f"{self.description}: no image files found anywhere under {str(self.root)!r}")
-        keys = [path.relative_to(self.root).as_posix() for path in files]
+        files, keys = list_image_files(self.root, self.description)
         labels = np.full(len(files), UNKNOWN_LABEL, dtype=np.int64)
         content_ids = file_content_ids(files, self.fingerprint)
         return SourceSplit(keys, content_ids, labels, (), FileImageLoader([str(p) for p in files]))
