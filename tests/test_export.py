@@ -134,6 +134,7 @@ def test_config_json_has_timm_hub_fields(cnn_export):
 
 
 def test_the_export_holds_no_local_path(cnn_run, cnn_export):
+    assert all((cnn_export / name).stat().st_mode & 0o777 == 0o644 for name in ("model.safetensors", "config.json"))
     """An export is meant for upload: the run's folder (and any other absolute path) is cut to its name."""
     from zeroshot_adapt.export import shareable
 
@@ -239,7 +240,7 @@ def test_python_api_on_folders_paths_and_pil_images(cnn_export, digit_folder):
     pil = predict_images(cnn_export, [Image.open(f) for f in files], top_k=2)
     paths = predict_images(cnn_export, [*files, digit_folder / "nested" / "broken.png"], top_k=2)
     np.testing.assert_array_equal(pil.indices, paths.indices)
-    assert pil.keys == [str(i) for i in range(len(files))] and len(paths.skipped) == 1
+    assert pil.keys == [f"image-{i}" for i in range(len(files))] and len(paths.skipped) == 1
     assert [int(i) for i in pil.indices[:, 0]] == [by_key[f.relative_to(digit_folder).as_posix()] for f in files]
     assert pil.labels()[0][0] == folder.class_names[pil.indices[0, 0]]
 
@@ -368,8 +369,8 @@ def test_default_top_k_fits_a_model_with_fewer_classes_and_a_truncated_pil_image
     Image.new("RGB", (64, 64), (10, 200, 10)).save(buffer, format="PNG")
     truncated = Image.open(io.BytesIO(buffer.getvalue()[:60]))  # lazily opened: fails when its pixels are read
     result = predictor.predict_images([good, truncated], progress=False)
-    assert result.indices.shape == (1, 3) and result.keys == ["0"]
-    assert [s["key"] for s in result.skipped] == ["1"] and result.skipped[0]["reason"].startswith("corrupt")
+    assert result.indices.shape == (1, 3) and result.keys == ["image-0"]
+    assert [s["key"] for s in result.skipped] == ["image-1"] and result.skipped[0]["reason"].startswith("corrupt")
     assert np.all(np.diff(result.probs, axis=1) <= 0) and np.isclose(result.probs.sum(), 1.0, atol=1e-5)
     with pytest.raises(UserError, match=r"--top-k 5 must be an integer in 1\.\.3"):
         predictor.predict_images([good], top_k=5, progress=False)

@@ -66,6 +66,9 @@ def test_flat_unlabeled_folder_adapts_with_label_free_report(world, tmp_path, ca
     assert any("have no labels" in note for note in report["notes"])
     assert "label-free (test set)" in out and "note: the 8 test images have no labels" in out
     assert (run_dir / "pseudo_label_distribution.png").is_file()
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(epoch[name] is None for epoch in epochs for name in  # no truth: null, not a 0 that reads as "wrong"
+               ("pseudo_label_acc", "pseudo_label_acc_masked", "pseudo_label_kept_correct"))
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["teacher"]["pretrained"] == "bundled" and saved["teacher"]["classes"] == str(world["classes"])
 

@@ -115,7 +115,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="print the fully resolved config as YAML and exit (touches no data, cache or run dir)")
         p.add_argument("--algorithm", help="fixmatch | debiaspl | ... (see `zsa algorithms`)")
         p.add_argument("--tau-clip", type=float, help="CLIP confidence threshold for the labeled set (adapt)")
-        p.add_argument("--run-dir", help="run directory (default runs/<dataset>/<algorithm>); re-run to resume")
+        p.add_argument("--run-dir", help=f"run directory (default runs/<dataset>/{name}-<algorithm>); re-run to resume")
         p.add_argument("--seed", type=int)
         p.add_argument("--epochs", type=int)
         p.add_argument("--reevaluate", action="store_true",

@@ -390,6 +390,7 @@ def export_run(
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in EXPORT_FILES:
             os.replace(staging / name, out_dir / name)
+            os.chmod(out_dir / name, 0o644)  # readable like any model download (a temp-file writer may leave 0600)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     others = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES)

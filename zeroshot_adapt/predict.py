@@ -225,10 +225,11 @@ class Predictor:
 
     def predict_images(self, images: Sequence[Image.Image | str | Path], *, keys: Sequence[str] | None = None,
                        **kwargs: Any) -> PredictionResult:
-        """PIL images and / or image paths; keys default to the paths, and ``"<index>"`` for PIL images."""
+        """PIL images and / or image paths; keys default to the paths, and ``"image-<index>"`` (the position in
+        `images`) for PIL images."""
         images = list(images)
         if keys is None:
-            keys = [str(item) if isinstance(item, (str, Path)) else str(i) for i, item in enumerate(images)]
+            keys = [str(item) if isinstance(item, (str, Path)) else f"image-{i}" for i, item in enumerate(images)]
         if len(keys) != len(images):
             raise UserError(f"{len(keys)} keys for {len(images)} images")
         return self.predict(images, keys, **kwargs)

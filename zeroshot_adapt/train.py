@@ -433,6 +433,7 @@ def train(
             f"{micro_batches} x {world}"
         )
     micro_batch = settings.batch_size // micro_batches
+    truth_known = has_ground_truth(unlabeled)
 
     optimizer = torch.optim.SGD(
         [p for p in student.parameters() if p.requires_grad],  # frozen parameters: no update, no weight decay
@@ -603,6 +604,9 @@ def train(
                 check_finite()
                 epoch = math.ceil(step / settings.steps_per_epoch)
                 record = _epoch_record(accelerator, stats, algorithm, epoch, step, optimizer, tally)
+                if not truth_known:  # an unlabeled folder: a 0 here would read as "every pseudo-label is wrong"
+                    for name in TRUTH_METRICS:
+                        record[name] = None
                 record["seconds_per_step"] = (time.perf_counter() - step_start) / max(1, stats.steps)
                 stats = EpochStats(num_classes)
                 if wants_evaluation(epoch, step):
@@ -631,6 +635,19 @@ def train(
                 return TrainResult(step=step, completed=False, history=history)
     progress.close()
     return TrainResult(step=step, completed=True, history=history, final_evaluation=final_evaluation)
+
+
+TRUTH_METRICS = ("pseudo_label_acc", "pseudo_label_acc_masked", "pseudo_label_kept_correct")
+"""Per-epoch metrics that compare pseudo-labels with the ground truth: null when the unlabeled set has none."""
+
+
+def has_ground_truth(unlabeled: Any) -> bool:
+    """Whether any sample of the unlabeled dataset (UnlabeledViews: `.table`; the device pipeline's
+    EncodedUnlabeledViews: `.labels`) has a known label (>= 0); True when it cannot tell."""
+    labels = getattr(unlabeled, "labels", None)
+    if labels is None and getattr(unlabeled, "table", None) is not None:
+        labels = unlabeled.table.labels
+    return labels is None or bool((np.asarray(labels) >= 0).any())
 
 
 def _epoch_record(
