@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from zeroshot_adapt.reports.metrics import class_imbalance_ratio
+
 ESTIMATE_NAME = "average_confidence"
 ESTIMATE_CITATION = "Average Confidence (Hendrycks & Gimpel, ICLR 2017); assumes a calibrated model"
 
@@ -67,7 +69,7 @@ def prediction_distribution(predictions: Any, class_names: Sequence[str]) -> dic
     empty = [str(class_names[c]) for c in np.flatnonzero(counts == 0)]
     return {
         "prediction_counts": counts.tolist(),
-        "imbalance_ratio": None if empty else float(counts.max() / counts.min()),
+        "imbalance_ratio": None if empty else class_imbalance_ratio(counts),  # null when a class is empty
         "num_empty_classes": len(empty),
         "empty_classes": empty,
         "normalized_entropy": normalized_entropy(counts),
