@@ -118,7 +118,7 @@ def test_suite_shows_label_free_columns_for_an_unlabeled_dataset(world, tmp_path
     datasets.write_text(yaml.safe_dump([{"name": "mine", "dataset": "imagefolder", "data_dir": str(world["flat"]),
                                          "overrides": [f"teacher.classes={world['classes']}"]}]))
     out = tmp_path / "suite"
-    argv = ["suite", "--datasets", str(datasets), "--methods", "zeroshot", "debiaspl", "--out", str(out),
+    argv = ["suite", "--datasets", str(datasets), "--methods", "zeroshot", "debiaspl", "sinkhorn", "--out", str(out),
             "--model", "zsa-tiny-digits", "--cache-dir", str(world["cache"]),
             *_sets(*TINY, "optim.epochs=1", "pseudo.select=topk", "pseudo.per_class=2")]
     assert main(argv) == 0
@@ -127,9 +127,10 @@ def test_suite_shows_label_free_columns_for_an_unlabeled_dataset(world, tmp_path
     import csv
 
     rows = {row["method"]: row for row in csv.DictReader((out / "results.csv").open())}
-    for method in ("zeroshot", "debiaspl"):
+    for method in ("zeroshot", "debiaspl", "sinkhorn"):
         assert rows[method]["acc1"] == "" and 0 <= float(rows[method]["estimated_acc1"]) <= 1
     assert float(rows["debiaspl"]["clip_agreement"]) >= 0 and rows["zeroshot"]["clip_agreement"] == ""
+    assert 0 <= float(rows["sinkhorn"]["clip_agreement"]) <= 1  # a transduct cell: agreement with zero-shot CLIP
 
 
 def test_a_folder_too_small_for_a_test_split_trains_and_says_why_it_has_no_test_report(world, tmp_path, caplog):

@@ -422,6 +422,7 @@ def run_transduct(context: CellContext) -> CellResult:
     the split it refines is the split it is scored on, as in TransCLIP and ZLaP); the refined set is stored
     with the cache (`pipeline.refined_predictions`)."""
     from zeroshot_adapt import pipeline
+    from zeroshot_adapt.reports.label_free import label_free_diagnostics
     from zeroshot_adapt.reports.metrics import classification_report
 
     config = replace(context.config, transduct=replace(context.config.transduct, method=context.cell.method))
@@ -429,10 +430,15 @@ def run_transduct(context: CellContext) -> CellResult:
     refined = pipeline.refined_predictions(config, preds)
     valid = preds.valid
     labels = np.asarray(preds.table.labels)[valid] if preds.table.has_labels else None
-    report = classification_report(np.asarray(refined.derived.probabilities[valid], dtype=np.float32),
-                                   refined.derived.prediction[valid], labels, list(preds.prompts.classes))
+    probabilities = np.asarray(refined.derived.probabilities[valid], dtype=np.float32)
+    prediction = refined.derived.prediction[valid]
+    classes = list(preds.prompts.classes)
+    report = classification_report(probabilities, prediction, labels, classes)
+    diagnostics = label_free_diagnostics(prediction, probabilities.max(axis=1), classes,
+                                         reference=preds.prediction[valid],  # agreement with zero-shot CLIP
+                                         true_accuracy=report["top1"])
     return CellResult(
-        metrics=rec.metrics_from_report(report),
+        metrics=rec.metrics_from_report(report) | rec.label_free_metrics(diagnostics),
         prediction_counts=list(report["prediction_counts"]),
         config=config,
         extra={"num_corrupt_skipped": int((~valid).sum()), "transduct_steps": refined.steps},
