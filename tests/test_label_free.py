@@ -205,3 +205,10 @@ def test_plots_show_class_names_and_say_when_there_is_no_data(tmp_path, monkeypa
     assert {"cat", "dog", "fox"} <= set(with_data) and {"cat", "dog", "fox"} <= set(distribution)
     assert plots.NO_COUNTS_TEXT not in with_data and plots.NO_PSEUDO_LABELS_TEXT not in distribution
     assert plots.NO_COUNTS_TEXT in no_counts and plots.NO_PSEUDO_LABELS_TEXT in no_labels
+
+
+def test_every_summary_prints_an_empty_class_imbalance_the_same_way():
+    from zeroshot_adapt.cli import _imbalance
+
+    assert _imbalance(None) == _imbalance(float("inf")) == "inf (a class is empty)"
+    assert _imbalance(7.8123) == "7.81"

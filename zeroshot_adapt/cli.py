@@ -21,6 +21,11 @@ PRETRAINED_HELP = ("open_clip pretrained tag or a local checkpoint path (default
                    "shipped in this package, e.g. zsa-tiny-digits, and the default there)")
 
 
+def _imbalance(value: float | None) -> str:
+    """An imbalance ratio as every summary prints it: reports store null when some class is empty (max/min = inf)."""
+    return "inf (a class is empty)" if value is None or value == float("inf") else f"{value:.2f}"
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", help="registered dataset name (see `zsa datasets`)")
     parser.add_argument("--data-dir", help="local data: an image-folder tree, a save_to_disk directory or MNIST IDX "
@@ -398,7 +403,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             top1 = entry.get("top1")
             print(f"{name}/{split}: CLIP zero-shot top-1 "
                   f"{'n/a (no labels)' if top1 is None else f'{100 * top1:.2f}%'}, "
-                  f"prediction imbalance {entry.get('imbalance_ratio')}")
+                  f"prediction imbalance {_imbalance(entry.get('imbalance_ratio'))}")
         print(f"report: {Path(args.out or f'runs/{name}/zeroshot') / 'zeroshot.json'}")
         return 0
     if args.command == "transduct":
@@ -416,7 +421,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         for rule, summary in report["rules"].items():
             precision = summary.get("precision")
             print(f"{name} ({report['teacher_method']} teacher): {rule} kept {summary['kept']} of {report['total']} "
-                  f"({100 * summary['kept_fraction']:.1f}%), imbalance ratio {summary.get('imbalance_ratio')}, "
+                  f"({100 * summary['kept_fraction']:.1f}%), "
+                  f"imbalance ratio {_imbalance(summary.get('imbalance_ratio'))}, "
                   f"empty classes {summary['num_empty_classes']}"
                   + ("" if precision is None else f", precision {100 * precision:.1f}%"))
         print(f"labeled set: the {report['select']} rule; report: {out / 'pseudolabels.json'}")
@@ -575,15 +581,13 @@ def _print_transduct(dataset: str, split: str, entry: dict, method: str) -> None
     def pct(value: float | None) -> str:
         return "n/a (no labels)" if value is None else f"{100 * value:.2f}%"
 
-    def ratio(value: float | None) -> str:
-        return "inf (a class is never predicted)" if value is None else f"{value:.2f}"
-
     zeroshot = entry["zeroshot"]
     state = "read from" if entry["derived"]["hit"] else "written to"
     print(f"{dataset}/{split}: {method}: top-1 {pct(entry['top1'])} (zero-shot {pct(zeroshot['top1'])}), "
           f"mean per-class recall {pct(entry['mean_per_class_recall'])} "
           f"(zero-shot {pct(zeroshot['mean_per_class_recall'])}), "
-          f"imbalance {ratio(entry.get('imbalance_ratio'))} (zero-shot {ratio(zeroshot.get('imbalance_ratio'))})")
+          f"imbalance {_imbalance(entry.get('imbalance_ratio'))} "
+          f"(zero-shot {_imbalance(zeroshot.get('imbalance_ratio'))})")
     print(f"  refined predictions {state} {entry['derived']['directory']}")
 
 
@@ -624,7 +628,7 @@ def _print_label_free(report: dict) -> None:
         ratio = entry["imbalance_ratio"]
         entropy = entry["normalized_entropy"]
         print(f"    {name:15s} {share(entry['agreement_with_clip'])} / {share(estimate['value'])}{truth} / "
-              f"{'inf' if ratio is None else f'{ratio:.2f}'} / {entry['num_empty_classes']} / "
+              f"{_imbalance(ratio)} / {entry['num_empty_classes']} / "
               f"{'n/a' if entropy is None else f'{entropy:.3f}'}")
 
 
