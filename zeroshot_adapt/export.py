@@ -51,7 +51,6 @@ EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE)
 WEIGHT_CHOICES = ("student", "ema")
 DEFAULT_WEIGHTS = "student"
 CLIP_ARCHITECTURE = "clip"  # config.json "architecture" of a CLIP student (not a timm model)
-EMA_PREFIX = "module."  # EmanTeacher keeps the averaged network as .module
 # pretrained_cfg entries that describe where the INITIAL weights came from (timm's default tag), not ours
 SOURCE_CFG_KEYS = ("tag", "url", "hf_hub_id", "hf_hub_filename", "file", "source", "state_dict", "license",
                    "origin_url", "paper_ids", "paper_name", "notes", "test_input_size", "test_crop_pct")
@@ -154,8 +153,11 @@ def trained_model(run: FinishedRun, num_classes: int, weights: str = DEFAULT_WEI
         if checkpoint.get("step") != run.report.get("total_steps"):
             raise UserError(f"{str(path)!r} is from step {checkpoint.get('step')}, the run ended at step "
                             f"{run.report.get('total_steps')}: its EMA teacher is not the final one")
-        state = {k[len(EMA_PREFIX):]: v for k, v in checkpoint["ema"].items() if k.startswith(EMA_PREFIX)}
-        model.load_state_dict(state)
+        from zeroshot_adapt.models.student import EmanTeacher
+
+        ema = EmanTeacher(model)  # the loop saved the teacher as an EmanTeacher: load it the same way
+        ema.load_state_dict(checkpoint["ema"])
+        model = ema.module
     return model.eval()
 
 
