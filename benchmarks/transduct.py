@@ -12,7 +12,7 @@ Three parts (``--parts``):
    not something a user without labels can do), over ``--seeds``; student and EMA top-1 on the test split.
    Each teacher with the paper's rule (confidence >= 0.95) and with GRIP's top-K per predicted class, K set
    so the labeled set has the size CLIP's threshold gives: label propagation's smoothed probabilities
-   rarely reach 0.95, so the threshold rule alone would compare an empty labeled set.
+   rarely reach 0.95: an empty labeled set is refused by `zsa adapt`, and recorded as refused here.
 3. ``scale``: synthetic L2-normalised features (``--classes`` Gaussian clusters, ``--dim`` dims, stored as a
    float16 memory map like the cache) at ``--sizes``; per size, in a fresh process each: the kNN graph
    (k = 5) by exact search (up to ``--exact-up-to``) and by IVF (SQ8, nprobe 32), their recall@k against
@@ -136,6 +136,7 @@ def adapt_part(datasets: list[str], accuracy: dict[str, Any], seeds: list[int], 
     """`zsa adapt` with CLIP zero-shot and with the best method as teacher, each with the paper's threshold
     rule and with GRIP's top-K rule (K per class = CLIP's threshold count / C)."""
     from zeroshot_adapt import pipeline
+    from zeroshot_adapt.errors import UserError
 
     results: dict[str, Any] = {}
     for dataset in datasets:
@@ -148,18 +149,27 @@ def adapt_part(datasets: list[str], accuracy: dict[str, Any], seeds: list[int], 
                 selection = [] if rule == "threshold" else ["pseudo.select=topk", f"pseudo.per_class={quota}"]
                 name = f"{teacher} / {'tau_clip 0.95' if rule == 'threshold' else f'top-{quota} per class'}"
                 runs = []
+                refused = None
                 for seed in seeds:
                     config = _config(dataset, f"transduct.method={teacher}", f"seed={seed}", *selection, *extra,
                                      cache_dir=cache_dir)
                     run_dir = runs_dir / dataset / f"{teacher.replace(',', '+')}-{rule}-seed{seed}"
                     start = time.perf_counter()
-                    report = pipeline.adapt(replace(config, run_dir=str(run_dir)))
+                    try:
+                        report = pipeline.adapt(replace(config, run_dir=str(run_dir)))
+                    except UserError as error:  # an empty labeled set is refused; it is the same for every seed
+                        refused = str(error).splitlines()[0]
+                        print(f"adapt {dataset} {name}: refused: {refused}", flush=True)
+                        break
                     runs.append({"seed": seed, "seconds": round(time.perf_counter() - start, 1),
                                  "labeled_set": report["labeled_set"]["size"],
                                  "student_top1": report["student"]["top1"], "ema_top1": report["ema"]["top1"],
                                  "student_mean_per_class_recall": report["student"]["mean_per_class_recall"]})
                     print(f"adapt {dataset} {name} seed={seed}: labeled {runs[-1]['labeled_set']}, student "
                           f"{100 * runs[-1]['student_top1']:.2f}, EMA {100 * runs[-1]['ema_top1']:.2f}", flush=True)
+                if refused is not None:
+                    results[dataset]["runs"][name] = {"teacher": teacher, "rule": rule, "refused": refused}
+                    continue
                 results[dataset]["runs"][name] = {
                     "teacher": teacher, "rule": rule, "runs": runs,
                     **{key: _mean_std([r[key] for r in runs])
@@ -351,6 +361,9 @@ def markdown(results: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|"]
         for dataset, entry in adapt.items():
             for name, row in entry["runs"].items():
+                if "refused" in row:
+                    lines.append(f"| {dataset} | {name} | 0 | refused: {row['refused']} | | |")
+                    continue
                 cells = [f"{100 * row[k]['mean']:.1f} ± {100 * row[k]['std']:.1f}"
                          for k in ("student_top1", "ema_top1", "student_mean_per_class_recall")]
                 lines.append(f"| {dataset} | {name} | {row['labeled_set']['mean']:.0f} | " + " | ".join(cells) + " |")
