@@ -126,6 +126,8 @@ def write_report(path: Path, suite_dir: Path, command: list[str], wall: float, s
     command_text = shown(shlex.join(["python", "-m", "zeroshot_adapt.cli", *command[3:]]))
     load = (f", load averages {load_at_end} (1/5/15 min) when it ended" if load_at_end
             else " (the load averages were not recorded for this run)")
+    threads = (f" Torch ran with OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}."
+               if os.environ.get("OMP_NUM_THREADS") else "")
     setting = (f"**QUICK setting** (seed {seeds}, {QUICK_STEPS} training steps per cell): this file shows the "
                "machinery and the cost of the grid's fixed parts; its accuracies are NOT results (10 steps do not "
                "train a student: no unlabeled sample reaches the 0.95 confidence threshold in 10 steps, so every "
@@ -133,6 +135,8 @@ def write_report(path: Path, suite_dir: Path, command: list[str], wall: float, s
                "number, and on EuroSAT the tiny teacher labels no image at 0.95, so the students stay at their "
                "initialization). The lead re-runs the full command below." if quick else
                f"Full setting: seeds {seeds}, the digits preset's 300 training steps per cell.")
+    full_run = ("Full run (expect roughly an hour or more on 2 CPU cores):\n\n```\npython benchmarks/suite_offline.py\n"
+                "```\n" if quick else "")
     text = f"""# `zsa suite` on the offline world
 
 Produced by `python benchmarks/suite_offline.py{' --quick' if quick else ''}` on {platform.node() or 'this machine'}
@@ -150,11 +154,12 @@ Produced by `python benchmarks/suite_offline.py{' --quick' if quick else ''}` on
   This teacher labels no tile at 0.95 and an empty labeled set is refused, so its training cells keep the 8
   most confident tiles per predicted class (`pseudo.select=topk`, `pseudo.per_class=8`).
   MNIST uses the tiny teacher's own prompts (`prompts/digits.json`).
-- **Methods**: {', '.join(methods)} (every method the suite knows at this commit; the transductive methods
-  join once they are registered).
+- **Methods**: {', '.join(methods)} (every method the suite knows at this commit). The training-free
+  methods (debias, label-propagation, prior-em, sinkhorn, transclip) refine CLIP's cached predictions of the
+  scored split itself (transductive, no training), one cell per dataset like zeroshot.
 - **Wall time of the whole grid**: **{wall / 60:.1f} min** ({wall:.0f} s) for {len(records)} cells, from an
   empty CLIP cache (every cache build included), exit status {returncode}; the 2 cores were shared with other
-  engineers' jobs{load}.
+  engineers' jobs{load}.{threads}
 
 Command (the datasets file it names is below):
 
@@ -165,12 +170,7 @@ Command (the datasets file it names is below):
 ```yaml
 {datasets_yaml}```
 
-Full run (the lead, on the merged code; expect roughly an hour or more on 2 CPU cores):
-
-```
-python benchmarks/suite_offline.py
-```
-
+{full_run}
 ## Table (`results.md` of the suite)
 
 {table}
