@@ -67,13 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 (quick) or 0 1 2")
     parser.add_argument("--out", default=str(HERE / "out" / "suite_offline"), help="the suite's folder (wiped)")
     parser.add_argument("--report", default=str(HERE / "suite_offline.md"))
+    parser.add_argument("--conditions", default="", help="a sentence on what else ran on the machine (for the report)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite --report from the last run in --out (its timing.json), running nothing")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.report_only:
         run = json.loads((out / "timing.json").read_text())
-        write_report(Path(args.report), out / "suite", **run)
+        conditions = args.conditions or run.get("conditions", "")
+        write_report(Path(args.report), out / "suite", **{**run, "conditions": conditions})
         return 0
     for folder in (MNIST_DIR, EUROSAT_DIR):
         if not folder.is_dir():
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(proc.stderr[-3000:], file=sys.stderr)
         return proc.returncode
     run = {"command": command, "wall": wall, "seeds": seeds, "methods": methods, "quick": args.quick,
-           "returncode": proc.returncode, "load_at_end": load}
+           "returncode": proc.returncode, "load_at_end": load, "conditions": args.conditions}
     atomic_write_text(out / "timing.json", json.dumps(run, indent=1))
     write_report(Path(args.report), out / "suite", **run)
     print(f"{args.report}: grid of {len(methods)} methods x 3 datasets in {wall / 60:.1f} min")
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_report(path: Path, suite_dir: Path, command: list[str], wall: float, seeds: list[int],
-                 methods: list[str], quick: bool, returncode: int, load_at_end: list[float] | None = None) -> None:
+                 methods: list[str], quick: bool, returncode: int, load_at_end: list[float] | None = None,
+                 conditions: str = "") -> None:
     records = [json.loads(p.read_text()) for p in sorted((suite_dir / "records").rglob("*.json"))]
     cells = "\n".join(
         f"| {r['dataset']} | {r['method']} | {'' if r['seed'] is None else r['seed']} | "
@@ -126,6 +129,7 @@ def write_report(path: Path, suite_dir: Path, command: list[str], wall: float, s
     command_text = shown(shlex.join(["python", "-m", "zeroshot_adapt.cli", *command[3:]]))
     load = (f", load averages {load_at_end} (1/5/15 min) when it ended" if load_at_end
             else " (the load averages were not recorded for this run)")
+    conditions = f" {conditions}" if conditions else ""
     threads = (f" Torch ran with OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}."
                if os.environ.get("OMP_NUM_THREADS") else "")
     setting = (f"**QUICK setting** (seed {seeds}, {QUICK_STEPS} training steps per cell): this file shows the "
@@ -159,7 +163,7 @@ Produced by `python benchmarks/suite_offline.py{' --quick' if quick else ''}` on
   scored split itself (transductive, no training), one cell per dataset like zeroshot.
 - **Wall time of the whole grid**: **{wall / 60:.1f} min** ({wall:.0f} s) for {len(records)} cells, from an
   empty CLIP cache (every cache build included), exit status {returncode}; the 2 cores were shared with other
-  engineers' jobs{load}.{threads}
+  jobs{load}.{threads}{conditions}
 
 Command (the datasets file it names is below):
 

@@ -362,7 +362,8 @@ def markdown(results: dict[str, Any]) -> str:
         for dataset, entry in adapt.items():
             for name, row in entry["runs"].items():
                 if "refused" in row:
-                    lines.append(f"| {dataset} | {name} | 0 | refused: {row['refused'].split(':')[0]} (none >= 0.95) | | |")
+                    reason = row["refused"].split(":")[0]
+                    lines.append(f"| {dataset} | {name} | 0 | refused: {reason} (none >= 0.95) | | |")
                     continue
                 cells = [f"{100 * row[k]['mean']:.1f} ± {100 * row[k]['std']:.1f}"
                          for k in ("student_top1", "ema_top1", "student_mean_per_class_recall")]
