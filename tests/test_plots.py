@@ -96,3 +96,10 @@ def test_accuracy_bars(tmp_path):
     _assert_real_png(plots.plot_accuracy_bars(table, tmp_path / "bars.png"))
     with pytest.raises(ValueError, match="empty"):
         plots.plot_accuracy_bars({}, tmp_path / "none.png")
+
+
+@pytest.mark.parametrize("count", [3, 10, 11, 20])
+def test_series_colors_stay_distinct_up_to_twenty(count):
+    """A suite of 11 methods (zeroshot + 5 algorithms + 5 training-free) once drew its 11th bar in the 1st color."""
+    colors = plots._category_colors(count)
+    assert len(colors) == count and len(set(colors)) == count

@@ -64,8 +64,10 @@ def _colors(count: int) -> list[Any]:
 
 
 def _category_colors(count: int) -> list[Any]:
-    """``count`` distinct colors for unordered series (tab10, cycling)."""
-    return [colormaps["tab10"](i % 10) for i in range(count)]
+    """``count`` colors for unordered series: tab10 up to 10, tab20 up to 20 (distinct), tab20 cycling beyond."""
+    if count <= 10:
+        return [colormaps["tab10"](i) for i in range(count)]
+    return [colormaps["tab20"](i % 20) for i in range(count)]
 
 
 def _bars(ax: Any, values: np.ndarray, **style: Any) -> None:
