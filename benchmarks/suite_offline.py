@@ -42,6 +42,7 @@ EUROSAT_IMAGE_SIZE = 32  # its tiles are 64 px; the demo CNN at 32 px
 # The digit teacher labels no EuroSAT tile at tau_clip 0.95, and an empty labeled set is refused, so EuroSAT's
 # training cells take GRIP's class-balanced selection instead: the 8 most confident tiles per predicted class
 # (~10% of the 800 adapted on).
+FIGURE = HERE / "results" / "suite_offline_figure9.png"  # the full run's Figure-9 chart (not --quick's)
 EUROSAT_SELECTION = ["pseudo.select=topk", "pseudo.per_class=8"]
 
 
@@ -139,6 +140,10 @@ def write_report(path: Path, suite_dir: Path, command: list[str], wall: float, s
                "number, and on EuroSAT the tiny teacher labels no image at 0.95, so the students stay at their "
                "initialization). The lead re-runs the full command below." if quick else
                f"Full setting: seeds {seeds}, the digits preset's 300 training steps per cell.")
+    figure = ""
+    if not quick and (suite_dir / "figure9_accuracy.png").is_file():  # keep the Figure-9 chart
+        shutil.copyfile(suite_dir / "figure9_accuracy.png", FIGURE)
+        figure = f"\n![zero-shot vs each method per dataset](results/{FIGURE.name})\n"
     full_run = ("Full run (expect roughly an hour or more on 2 CPU cores):\n\n```\npython benchmarks/suite_offline.py\n"
                 "```\n" if quick else "")
     text = f"""# `zsa suite` on the offline world
@@ -176,7 +181,7 @@ Command (the datasets file it names is below):
 
 {full_run}
 ## Table (`results.md` of the suite)
-
+{figure}
 {table}
 ## Cells
 
