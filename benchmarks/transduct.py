@@ -158,6 +158,8 @@ def adapt_part(datasets: list[str], accuracy: dict[str, Any], seeds: list[int], 
                     try:
                         report = pipeline.adapt(replace(config, run_dir=str(run_dir)))
                     except UserError as error:  # an empty labeled set is refused; it is the same for every seed
+                        if "labeled set is empty" not in str(error):
+                            raise
                         refused = str(error).splitlines()[0]
                         print(f"adapt {dataset} {name}: refused: {refused}", flush=True)
                         break
