@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         print(proc.stderr[-3000:], file=sys.stderr)
         return proc.returncode
     run = {"command": command, "wall": wall, "seeds": seeds, "methods": methods, "quick": args.quick,
-           "returncode": proc.returncode, "load_at_end": load, "conditions": args.conditions}
+           "returncode": proc.returncode, "load_at_end": load, "conditions": args.conditions,
+           "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     atomic_write_text(out / "timing.json", json.dumps(run, indent=1))
     write_report(Path(args.report), out / "suite", **run)
     print(f"{args.report}: grid of {len(methods)} methods x 3 datasets in {wall / 60:.1f} min")
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_report(path: Path, suite_dir: Path, command: list[str], wall: float, seeds: list[int],
                  methods: list[str], quick: bool, returncode: int, load_at_end: list[float] | None = None,
-                 conditions: str = "") -> None:
+                 conditions: str = "", omp_num_threads: str | None = None) -> None:
     records = [json.loads(p.read_text()) for p in sorted((suite_dir / "records").rglob("*.json"))]
     cells = "\n".join(
         f"| {r['dataset']} | {r['method']} | {'' if r['seed'] is None else r['seed']} | "
@@ -131,8 +132,7 @@ def write_report(path: Path, suite_dir: Path, command: list[str], wall: float, s
     load = (f", load averages {load_at_end} (1/5/15 min) when it ended" if load_at_end
             else " (the load averages were not recorded for this run)")
     conditions = f" {conditions}" if conditions else ""
-    threads = (f" Torch ran with OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}."
-               if os.environ.get("OMP_NUM_THREADS") else "")
+    threads = f" Torch ran with OMP_NUM_THREADS={omp_num_threads}." if omp_num_threads else ""
     setting = (f"**QUICK setting** (seed {seeds}, {QUICK_STEPS} training steps per cell): this file shows the "
                "machinery and the cost of the grid's fixed parts; its accuracies are NOT results (10 steps do not "
                "train a student: no unlabeled sample reaches the 0.95 confidence threshold in 10 steps, so every "
@@ -143,7 +143,7 @@ def write_report(path: Path, suite_dir: Path, command: list[str], wall: float, s
     figure = ""
     if not quick and (suite_dir / "figure9_accuracy.png").is_file():  # keep the Figure-9 chart
         shutil.copyfile(suite_dir / "figure9_accuracy.png", FIGURE)
-        figure = f"\n![zero-shot vs each method per dataset](results/{FIGURE.name})\n"
+        figure = f"\n![zero-shot vs each method per dataset]({os.path.relpath(FIGURE, path.parent)})\n"
     full_run = ("Full run (expect roughly an hour or more on 2 CPU cores):\n\n```\npython benchmarks/suite_offline.py\n"
                 "```\n" if quick else "")
     text = f"""# `zsa suite` on the offline world
