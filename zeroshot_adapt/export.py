@@ -71,7 +71,6 @@ class FinishedRun:
     report: dict[str, Any]
 
 
-
 # An absolute local path inside a string ("/home/me/data/classes.txt", also inside prose), not a URL's path.
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~])/(?:[^\s'\"`|,;()/]+/)+([^\s'\"`|,;()/]+)")
 
@@ -86,6 +85,7 @@ def shareable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [shareable(item) for item in value]
     return value
+
 
 def open_finished_run(run_dir: str | Path) -> FinishedRun:
     """The finished run in `run_dir`, or a UserError naming the path and what is missing."""

@@ -603,10 +603,7 @@ def train(
             if step % settings.steps_per_epoch == 0 or step == settings.total_steps:
                 check_finite()
                 epoch = math.ceil(step / settings.steps_per_epoch)
-                record = _epoch_record(accelerator, stats, algorithm, epoch, step, optimizer, tally)
-                if not truth_known:  # an unlabeled folder: a 0 here would read as "every pseudo-label is wrong"
-                    for name in TRUTH_METRICS:
-                        record[name] = None
+                record = _epoch_record(accelerator, stats, algorithm, epoch, step, optimizer, tally, truth_known)
                 record["seconds_per_step"] = (time.perf_counter() - step_start) / max(1, stats.steps)
                 stats = EpochStats(num_classes)
                 if wants_evaluation(epoch, step):
@@ -651,9 +648,11 @@ def has_ground_truth(unlabeled: Any) -> bool:
 
 
 def _epoch_record(
-    accelerator, stats: EpochStats, algorithm, epoch: int, step: int, optimizer, tally: CorruptTally
+    accelerator, stats: EpochStats, algorithm, epoch: int, step: int, optimizer, tally: CorruptTally,
+    truth_known: bool = True,
 ) -> dict[str, Any]:
-    """Reduce one epoch's sums across processes into a JSON-able record."""
+    """Reduce one epoch's sums across processes into a JSON-able record. Without ground truth (an unlabeled
+    folder) the TRUTH_METRICS are null: a 0 would read as "every pseudo-label is wrong"."""
     device = accelerator.device
     names = sorted(stats.metric_sums)
     sums = torch.stack([stats.metric_sums[n].to(device) for n in names]
@@ -667,7 +666,7 @@ def _epoch_record(
     steps_total = float(sums[-1].item()) or 1.0
     record: dict[str, Any] = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"]}
     for i, name in enumerate(names):
-        record[name] = float(sums[i].item()) / steps_total
+        record[name] = float(sums[i].item()) / steps_total if truth_known or name not in TRUTH_METRICS else None
     masked, every = hists[0].cpu().numpy(), hists[1].cpu().numpy()
     ratio = class_imbalance_ratio(masked)
     record["pseudo_label_imbalance"] = None if ratio is None or not math.isfinite(ratio) else float(ratio)
